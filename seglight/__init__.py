@@ -1,0 +1,29 @@
+"""seglight: 3D medical image segmentation with PyTorch Lightning, MONAI and Hydra."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["SegDataModule", "SegModule", "build", "compose"]
+
+if TYPE_CHECKING:
+    from seglight.build import build, compose
+    from seglight.data import SegDataModule
+    from seglight.module import SegModule
+
+_LAZY = {
+    "SegModule": "seglight.module",
+    "SegDataModule": "seglight.data",
+    "build": "seglight.build",
+    "compose": "seglight.build",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: `python -m seglight.check --help` should not pay for torch and MONAI.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'seglight' has no attribute {name!r}")

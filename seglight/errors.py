@@ -1,0 +1,55 @@
+"""User-facing errors: one message that names the file or option and what to do, and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+EXIT_USER_ERROR = 2
+
+
+class SeglightError(Exception):
+    """A problem with the user's data, config or files (not a bug): reported without a traceback."""
+
+
+class DataError(SeglightError):
+    """A dataset, datalist or image file that cannot be used."""
+
+
+class ConfigError(SeglightError):
+    """An option or combination of options that cannot work."""
+
+
+def find_user_error(exc: BaseException) -> SeglightError | None:
+    """The SeglightError behind ``exc``, if any; MONAI, Hydra and DataLoader workers wrap the ones we raise."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, SeglightError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def user_message(error: SeglightError) -> str:
+    """The message of ``error``, without the traceback text a DataLoader worker packs around it."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(error.__class__.__module__) else last
+    return text
+
+
+@contextmanager
+def reported_errors(prog: str = "seglight") -> Iterator[None]:
+    """Turn a SeglightError raised inside the block into one line on stderr and exit status 2."""
+    try:
+        yield
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is None:
+            raise
+        print(f"{prog}: error: {user_message(user_error)}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None

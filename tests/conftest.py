@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny real NIfTI datasets on disk and the overrides that keep runs small."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SHAPE = [24, 24, 16]
+TINY_SIZE = [16, 16, 16]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private seglight cache for the session, so tests never touch the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("seglight-cache")
+    os.environ["SEGLIGHT_CACHE_DIR"] = str(path)
+    return path
+
+
+def tiny_overrides(run_dir: Path) -> list[str]:
+    """Overrides for a seconds-long CPU run on a tiny demo dataset."""
+    return [
+        "data.demo.num_cases=6",
+        f"data.demo.shape=[{','.join(map(str, TINY_SHAPE))}]",
+        f"data.spatial_size=[{','.join(map(str, TINY_SIZE))}]",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "model.init_filters=8",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def run_cli(module: str, *args: str, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> args`` as a user would, with the test cache."""
+    env = {**os.environ, "SEGLIGHT_CACHE_DIR": str(cache), "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_nifti(path: Path, data: np.ndarray, spacing=(1.0, 1.0, 2.0)) -> Path:
+    """Save ``data`` as a real NIfTI file with a simple anisotropic affine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.diag([*spacing, 1.0])), path)
+    return path
+
+
+def make_msd_dataset(root: Path, num_cases: int = 4, shape=(20, 20, 12), label_key: str = "label") -> Path:
+    """A small MSD-layout dataset with a bright cube labelled 1 in each case."""
+    training = []
+    rng = np.random.default_rng(0)
+    for i in range(num_cases):
+        image = rng.normal(0, 50, size=shape).astype(np.float32) - 200
+        label = np.zeros(shape, dtype=np.uint8)
+        label[4:12, 5:13, 3:9] = 1
+        image[label == 1] += 400
+        write_nifti(root / "imagesTr" / f"case_{i}.nii.gz", image)
+        write_nifti(root / "labelsTr" / f"case_{i}.nii.gz", label)
+        training.append({"image": f"imagesTr/case_{i}.nii.gz", label_key: f"labelsTr/case_{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"name": "tiny", "labels": {"0": "background", "1": "cube"}, "training": training}))
+    return root
