@@ -79,7 +79,9 @@ class SegModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         image, label = batch["image"], batch["label"]
         logits = self(image)
-        self.log("Loss/val", self.loss_fn(logits, label), on_step=False, on_epoch=True, batch_size=image.shape[0])
+        self.log(
+            "Loss/val", self.loss_fn(logits, label), on_step=False, on_epoch=True, batch_size=image.shape[0]
+        )
         self.dice(self.binarize(logits), label)
 
     def on_validation_epoch_end(self) -> None:

@@ -36,7 +36,9 @@ def write_summary(trainer: L.Trainer, output_dir: str | Path) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
-        dice = f"{summary['best_dice']:.4f}" if summary["best_dice"] is not None else "n/a (no validation ran)"
+        dice = (
+            f"{summary['best_dice']:.4f}" if summary["best_dice"] is not None else "n/a (no validation ran)"
+        )
         log.info(
             "Done. Best Dice/val %s | best checkpoint: %s | last: %s | see the curves: tensorboard --logdir %s",
             dice,

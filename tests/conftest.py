@@ -44,7 +44,12 @@ def tiny_overrides(run_dir: Path) -> list[str]:
 
 def run_cli(module: str, *args: str, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m <module> args`` as a user would, with the test cache."""
-    env = {**os.environ, "SEGLIGHT_CACHE_DIR": str(cache), "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "SEGLIGHT_CACHE_DIR": str(cache),
+        "HYDRA_FULL_ERROR": "0",
+        "PYTHONWARNINGS": "ignore",
+    }
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO,
@@ -74,5 +79,7 @@ def make_msd_dataset(root: Path, num_cases: int = 4, shape=(20, 20, 12), label_k
         write_nifti(root / "imagesTr" / f"case_{i}.nii.gz", image)
         write_nifti(root / "labelsTr" / f"case_{i}.nii.gz", label)
         training.append({"image": f"imagesTr/case_{i}.nii.gz", label_key: f"labelsTr/case_{i}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({"name": "tiny", "labels": {"0": "background", "1": "cube"}, "training": training}))
+    (root / "dataset.json").write_text(
+        json.dumps({"name": "tiny", "labels": {"0": "background", "1": "cube"}, "training": training})
+    )
     return root

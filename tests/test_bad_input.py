@@ -77,7 +77,9 @@ def test_truncated_nifti_is_named(tmp_path: Path, cache_dir: Path) -> None:
 
 
 def test_unknown_model_name(tmp_path: Path, cache_dir: Path) -> None:
-    result = run_cli("seglight.train", "model=nosuchnet", f"hydra.run.dir={tmp_path / 'run'}", cache=cache_dir)
+    result = run_cli(
+        "seglight.train", "model=nosuchnet", f"hydra.run.dir={tmp_path / 'run'}", cache=cache_dir
+    )
     assert_clean_failure(result, "model/nosuchnet", "segresnet")
 
 

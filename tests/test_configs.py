@@ -37,7 +37,9 @@ def test_default_composition_is_the_reference_setup(tmp_path: Path) -> None:
     assert (cfg.model.init_filters, cfg.model.dropout_prob, cfg.model.out_channels) == (16, 0.2, 1)
     assert cfg.loss._target_ == "monai.losses.DiceLoss" and cfg.loss.sigmoid is True
     assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == pytest.approx(1e-4)
-    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "16-mixed" and cfg.trainer.devices == 1
+    assert (
+        cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "16-mixed" and cfg.trainer.devices == 1
+    )
     assert cfg.data.demo is not None and cfg.data.batch_size == 2 and cfg.data.num_workers == 4
     assert list(compose(["data=msd", "data.root=x"], output_dir=tmp_path).data.spatial_size) == [128, 128, 64]
     assert cfg.data.split_path == str(tmp_path.resolve() / "split.json")

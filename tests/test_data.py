@@ -31,7 +31,10 @@ def test_demo_dataset_is_real_ct_like_nifti_and_reused(tmp_path: Path) -> None:
     assert set(np.unique(np.asanyarray(label.dataobj))) == {0, 1}
     # Second call reuses the files (no rewrite) and the same settings give the same folder.
     mtime = (root / "dataset.json").stat().st_mtime_ns
-    assert ensure_demo_dataset(tmp_path, num_cases=3, shape=(32, 28, 12), spacing=(0.8, 0.8, 2.5), seed=1) == root
+    assert (
+        ensure_demo_dataset(tmp_path, num_cases=3, shape=(32, 28, 12), spacing=(0.8, 0.8, 2.5), seed=1)
+        == root
+    )
     assert (root / "dataset.json").stat().st_mtime_ns == mtime
     assert demo_root(tmp_path, num_cases=3, shape=(32, 28, 12), spacing=(0.8, 0.8, 2.5), seed=1) == root
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left behind"
@@ -81,7 +84,7 @@ def test_datamodule_batches_split_and_nearest_label_resize(tmp_path: Path) -> No
     assert len(split["train"]) == 3 and len(split["val"]) == 1 and split["seed"] == 7
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 1, 16, 16, 8) and batch["label"].shape == (2, 1, 16, 16, 8)
-    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
     # Nearest-neighbour resizing keeps the label binary (trilinear would create fractions).
     assert set(torch.unique(batch["label"]).tolist()) == {0.0, 1.0}
     val = next(iter(dm.val_dataloader()))

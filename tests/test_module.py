@@ -35,7 +35,9 @@ def test_reference_network_has_about_4_7_million_parameters() -> None:
 
 def test_training_step_backpropagates_and_learns_a_cube() -> None:
     torch.manual_seed(0)
-    module = SegModule(net=TINY_NET, optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-2})
+    module = SegModule(
+        net=TINY_NET, optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-2}
+    )
     optimizer = module.configure_optimizers()
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
     batch = cube_batch()

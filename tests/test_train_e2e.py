@@ -44,7 +44,9 @@ def test_train_two_epochs_then_continue_from_last_checkpoint(tmp_path: Path, cac
 
     # Continue the same run for one more epoch from last.ckpt.
     overrides = [o for o in tiny_overrides(run_dir) if not o.startswith("trainer.max_epochs")]
-    result = run_cli("seglight.train", *overrides, "trainer.max_epochs=3", f"ckpt_path={last}", cache=cache_dir)
+    result = run_cli(
+        "seglight.train", *overrides, "trainer.max_epochs=3", f"ckpt_path={last}", cache=cache_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = torch.load(last, map_location="cpu", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["global_step"] > state["global_step"]

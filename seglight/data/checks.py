@@ -38,7 +38,9 @@ def check_readable(path: str) -> None:
         nib.load(str(p))
     except Exception as exc:  # nibabel raises several types for foreign or damaged files
         kind = "not a NIfTI file" if not path.endswith(NIFTI_SUFFIXES) else "not a readable NIfTI image"
-        raise DataError(f"{path}: {kind} ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
+        raise DataError(
+            f"{path}: {kind} ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
+        ) from None
 
 
 def check_cases_readable(cases: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:

@@ -26,7 +26,9 @@ def read_msd_datalist(root: str | Path, image_key: str = "image", label_key: str
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{index}: not valid JSON ({exc})") from None
     if not isinstance(meta, Mapping) or "training" not in meta:
-        raise DataError(f'{index}: has no "training" list of {{"{image_key}": ..., "{label_key}": ...}} entries')
+        raise DataError(
+            f'{index}: has no "training" list of {{"{image_key}": ..., "{label_key}": ...}} entries'
+        )
     return resolve_datalist(meta["training"], root, image_key, label_key, source=str(index))
 
 

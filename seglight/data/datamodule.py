@@ -88,9 +88,13 @@ class SegDataModule(L.LightningDataModule):
 
     def _validate_options(self) -> None:
         if self.root is None and self.datalist is None and self.demo is None:
-            raise ConfigError("no data given: set data.root=<folder with dataset.json> (data=msd) or use data=demo")
+            raise ConfigError(
+                "no data given: set data.root=<folder with dataset.json> (data=msd) or use data=demo"
+            )
         if len(self.spatial_size) != 3 or min(self.spatial_size) < 1:
-            raise ConfigError(f"data.spatial_size must be three positive sizes (x, y, z), got {self.spatial_size}")
+            raise ConfigError(
+                f"data.spatial_size must be three positive sizes (x, y, z), got {self.spatial_size}"
+            )
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.a_max <= self.a_min:
@@ -152,7 +156,9 @@ class SegDataModule(L.LightningDataModule):
     def split(self, cases: list[Case]) -> tuple[list[Case], list[Case]]:
         """Seeded train/validation split, saved to ``split_path``; a saved split of the same cases is reused."""
         if len(cases) < 2:
-            raise ConfigError(f"the dataset has {len(cases)} case(s); training needs at least 2 (train + validation)")
+            raise ConfigError(
+                f"the dataset has {len(cases)} case(s); training needs at least 2 (train + validation)"
+            )
         by_id = {c["case_id"]: c for c in cases}
         saved = self._saved_split(set(by_id))
         if saved is not None:
@@ -163,7 +169,12 @@ class SegDataModule(L.LightningDataModule):
             n_val = min(len(ids) - 1, max(1, round(len(ids) * self.val_fraction)))
             val_ids, train_ids = sorted(ids[:n_val]), sorted(ids[n_val:])
             if self.split_path:
-                record = {"seed": self.split_seed, "val_fraction": self.val_fraction, "train": train_ids, "val": val_ids}
+                record = {
+                    "seed": self.split_seed,
+                    "val_fraction": self.val_fraction,
+                    "train": train_ids,
+                    "val": val_ids,
+                }
                 atomic_write_text(Path(self.split_path), json.dumps(record, indent=2))
         return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
 
@@ -181,7 +192,9 @@ class SegDataModule(L.LightningDataModule):
 
     def transforms(self, train: bool) -> mt.Compose:
         """The full pipeline: deterministic prefix, plus the random flip for training."""
-        steps = deterministic_transforms(IMAGE, LABEL, self.spatial_size, self.a_min, self.a_max, self.orientation)
+        steps = deterministic_transforms(
+            IMAGE, LABEL, self.spatial_size, self.a_min, self.a_max, self.orientation
+        )
         if train:
             steps += random_transforms(IMAGE, LABEL)
         return mt.Compose(steps)
@@ -190,7 +203,9 @@ class SegDataModule(L.LightningDataModule):
         transform = self.transforms(train)
         if self.cache == "memory":
             # CacheDataset stores each case's output up to the first random transform.
-            return CacheDataset(cases, transform, cache_rate=1.0, num_workers=max(1, self.num_workers), progress=False)
+            return CacheDataset(
+                cases, transform, cache_rate=1.0, num_workers=max(1, self.num_workers), progress=False
+            )
         return Dataset(cases, transform)
 
     # -- loaders -------------------------------------------------------------------------------------------

@@ -54,12 +54,16 @@ def deterministic_transforms(
             mode=["trilinear"] + (["nearest"] if label_key else []),
         )
     )
-    steps.append(mt.ScaleIntensityRanged(keys=image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True))
+    steps.append(
+        mt.ScaleIntensityRanged(keys=image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)
+    )
     steps.append(mt.EnsureTyped(keys=keys, dtype="float32", track_meta=True))
     return steps
 
 
-def random_transforms(image_key: str = "image", label_key: str = "label", flip_prob: float = 0.5) -> list[mt.Transform]:
+def random_transforms(
+    image_key: str = "image", label_key: str = "label", flip_prob: float = 0.5
+) -> list[mt.Transform]:
     """The training augmentation of the reference pipeline: a random flip along the first spatial axis."""
     return [mt.RandFlipd(keys=[image_key, label_key], prob=flip_prob, spatial_axis=0)]
 
