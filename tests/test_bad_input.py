@@ -93,3 +93,12 @@ def test_missing_checkpoint_path(tmp_path: Path, cache_dir: Path) -> None:
     root = make_msd_dataset(tmp_path / "ds", num_cases=3)
     result = train_on(root, tmp_path / "run", cache_dir, f"ckpt_path={tmp_path / 'nope.ckpt'}")
     assert_clean_failure(result, "nope.ckpt", "no such checkpoint")
+
+
+def test_truncated_nifti_found_in_a_loader_worker_is_named(tmp_path: Path, cache_dir: Path) -> None:
+    root = make_msd_dataset(tmp_path / "ds", num_cases=3)
+    bad = root / "imagesTr" / "case_0.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:-400])
+    result = train_on(root, tmp_path / "run", cache_dir, "data.cache=none", "data.num_workers=2")
+    err = assert_clean_failure(result, str(bad), "not a readable NIfTI")
+    assert "DataLoader worker" not in err

@@ -1,58 +1,529 @@
-"""Dataset integrity checks that run before training, so a bad file fails fast with its name."""
+"""Dataset integrity checks, shared by ``python -m seglight.check`` (full) and training start-up (fast).
+
+The fast check reads headers only: files exist and open as NIfTI, image and label agree in shape and affine,
+the image has the declared channels, case ids are unique, orientations agree. The full check also reads every
+voxel: a corrupt or truncated gzip, NaN/Inf values, label values outside the declared labels and all-background
+labels are found there, before a DataLoader worker finds them hours into a run.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import gzip
+import logging
+import statistics
+import zlib
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 
 from seglight.errors import DataError
 
+log = logging.getLogger("seglight")
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Affines of an image and its label may differ by float rounding of a conversion, not by more.
+AFFINE_TOLERANCE = 1e-3
+PERCENTILES = (0.5, 50.0, 99.5)
+MAX_SAMPLED_VOXELS = 2_000_000  # intensity percentiles are estimated from a strided sample
 
 
-def case_files(case: dict[str, Any], keys: Iterable[str]) -> list[str]:
+@dataclass
+class Finding:
+    """One problem (``error``) or oddity (``warning``) with one file."""
+
+    severity: str
+    path: str
+    message: str
+    case_index: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class CaseInfo:
+    """What the check learnt about one case, for the summary table."""
+
+    case_id: str
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    orientation: str
+    channels: int
+    percentiles: list[list[float]] = field(default_factory=list)  # per channel: PERCENTILES
+    label_counts: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetReport:
+    """The outcome of checking a dataset: per-case facts and every finding."""
+
+    num_cases: int
+    full: bool
+    infos: list[CaseInfo] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    labels: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    def bad_cases(self) -> dict[int, list[str]]:
+        """Index of each case with an error -> its error messages."""
+        bad: dict[int, list[str]] = {}
+        for finding in self.errors:
+            if finding.case_index is not None:
+                bad.setdefault(finding.case_index, []).append(str(finding))
+        return bad
+
+    def error_message(self) -> str:
+        """All errors as one message (the single error itself when there is one)."""
+        errors = self.errors
+        if len(errors) == 1:
+            return str(errors[0])
+        cases = len({f.case_index for f in errors})
+        return f"{len(errors)} problems in {cases} of {self.num_cases} cases:\n  " + "\n  ".join(
+            map(str, errors)
+        )
+
+    def raise_for_errors(self) -> None:
+        """Raise DataError listing every error, if there is any."""
+        if self.errors:
+            raise DataError(self.error_message())
+
+    def summary(self) -> str:
+        """The table ``python -m seglight.check`` prints: shapes, spacings, orientations, intensities, labels."""
+        return format_summary(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, saved by the check next to its log."""
+        return {
+            "num_cases": self.num_cases,
+            "full": self.full,
+            "errors": [str(f) for f in self.errors],
+            "warnings": [str(f) for f in self.warnings],
+            "cases": [asdict(info) for info in self.infos],
+        }
+
+
+def case_files(case: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
     """Every file path a case names under ``keys`` (a multi-channel image may list several)."""
     files: list[str] = []
     for key in keys:
-        value = case[key]
-        if isinstance(value, Sequence) and not isinstance(value, str):
-            files.extend(str(v) for v in value)
-        else:
-            files.append(str(value))
+        files.extend(_as_list(case[key]))
     return files
 
 
-def check_readable(path: str) -> None:
+def check_readable(path: str, name: str | None = None) -> None:
     """Raise DataError unless ``path`` exists and has a NIfTI header nibabel can read (data is not read)."""
-    if "://" in path:
-        return  # remote objects are checked once fetched
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{path}: file not found")
-    if not p.is_file():
-        raise DataError(f"{path}: not a file")
-    try:
-        nib.load(str(p))
-    except Exception as exc:  # nibabel raises several types for foreign or damaged files
-        kind = "not a NIfTI file" if not path.endswith(NIFTI_SUFFIXES) else "not a readable NIfTI image"
-        raise DataError(
-            f"{path}: {kind} ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
-        ) from None
+    _, problem = _open(path)
+    if problem:
+        raise DataError(f"{name or path}: {problem}")
 
 
-def check_cases_readable(cases: Sequence[dict[str, Any]], keys: Sequence[str]) -> None:
-    """The fast pre-training check: every listed file exists and opens as NIfTI. Reports all bad files at once."""
-    problems: list[str] = []
-    for case in cases:
-        for path in case_files(case, keys):
-            try:
-                check_readable(path)
-            except DataError as err:
-                problems.append(str(err))
+def check_cases_readable(
+    cases: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("image", "label")
+) -> None:
+    """Every listed file exists and opens as NIfTI; reports all bad files at once."""
+    problems = []
+    for path in case_files_of_all(cases, keys):
+        _, problem = _open(path)
+        if problem:
+            problems.append(f"{path}: {problem}")
     if len(problems) == 1:
         raise DataError(problems[0])
     if problems:
         raise DataError(f"{len(problems)} dataset files cannot be used:\n  " + "\n  ".join(problems))
+
+
+def check_gzip_intact(case: Mapping[str, Any], keys: Sequence[str] = ("image", "label")) -> None:
+    """Raise DataError unless every ``.gz`` file of ``case`` decompresses to its end with a valid checksum.
+
+    Readers stop once they have the voxels, before gzip's CRC: damage that still decodes would go unnoticed.
+    """
+    for path in case_files(case, keys):
+        if not path.endswith(".gz"):
+            continue
+        try:
+            with gzip.open(path, "rb") as stream:
+                while stream.read(1 << 24):
+                    pass
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(
+                f"{path}: not a readable NIfTI image (truncated or corrupt gzip data: {type(exc).__name__}: "
+                f"{_first_line(exc)})"
+            ) from None
+
+
+def case_files_of_all(cases: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[str]:
+    """Every file of every case, in order."""
+    return [path for case in cases for path in case_files(case, keys)]
+
+
+def inspect_cases(
+    cases: Sequence[Mapping[str, Any]],
+    full: bool = False,
+    labels: Mapping[int, str] | None = None,
+    label_values: Iterable[int] | None = None,
+    channels: int | None = None,
+    names: Mapping[str, str] | None = None,
+    workers: int = 1,
+    exclude: Collection[int] = (),
+) -> DatasetReport:
+    """Check every case (headers only, or every voxel with ``full``) and the dataset as a whole.
+
+    Args:
+        cases: dicts with local ``image`` (a path or one path per channel) and ``label`` paths and a ``case_id``.
+        full: also read the data: corrupt gzip, NaN/Inf, undeclared label values, all-background labels.
+        labels: declared label values and names; ``label_values`` adds values without a name (nnU-Net regions).
+        channels: declared number of input channels.
+        names: how to name a local file in messages (a downloaded file by its URL).
+        workers: threads reading files in parallel (decompression releases the GIL).
+        exclude: indices of cases already known to be bad (not fetched), not inspected again.
+    """
+    names = dict(names or {})
+    allowed = set(labels or {}) | set(label_values or ())
+    report = DatasetReport(num_cases=len(cases), full=full, labels=dict(labels or {}))
+
+    def one(index: int) -> tuple[CaseInfo | None, list[Finding]]:
+        return _inspect_case(index, cases[index], full, allowed or None, channels, names)
+
+    indices = [i for i in range(len(cases)) if i not in set(exclude)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(one, indices))
+    for info, findings in results:
+        report.findings.extend(findings)
+        if info is not None:
+            report.infos.append(info)
+    report.findings.extend(_duplicate_ids(cases, names))
+    report.findings.extend(_orientation_outliers(cases, report.infos, names))
+    if channels is None:
+        report.findings.extend(_channel_outliers(cases, report.infos, names))
+    return report
+
+
+# -- one case -----------------------------------------------------------------------------------------------
+
+
+def _inspect_case(
+    index: int,
+    case: Mapping[str, Any],
+    full: bool,
+    allowed: set[int] | None,
+    channels: int | None,
+    names: Mapping[str, str],
+) -> tuple[CaseInfo | None, list[Finding]]:
+    findings: list[Finding] = []
+
+    def error(path: str, message: str) -> None:
+        findings.append(Finding("error", names.get(path, path), message, index))
+
+    image_paths, label_path = _as_list(case["image"]), str(case["label"])
+    opened: dict[str, Any] = {}
+    for path in [*image_paths, label_path]:
+        img, problem = _open(path)
+        if problem:
+            error(path, problem)
+        else:
+            opened[path] = img
+    if findings:
+        return None, findings
+
+    first = opened[image_paths[0]]
+    # Channels: several files of one 3D volume each, or one 3D/4D file with the channels last.
+    if len(image_paths) > 1:
+        for path in image_paths:
+            if len(opened[path].shape) != 3:
+                error(path, f"a channel file must hold one 3D volume, got shape {_fmt(opened[path].shape)}")
+        n_channels = len(image_paths)
+    else:
+        shape = first.shape
+        if len(shape) == 3:
+            n_channels = 1
+        elif len(shape) == 4:
+            n_channels = shape[3]
+        else:
+            error(
+                image_paths[0],
+                f"{len(shape)}D image (shape {_fmt(shape)}); seglight needs 3D volumes, or 4D with the "
+                "channels last",
+            )
+            n_channels = 0
+    if channels is not None and n_channels and n_channels != channels:
+        error(image_paths[0], f"has {n_channels} channel(s) but the dataset declares {channels}")
+    label = opened[label_path]
+    if len(label.shape) not in (3, 4) or (len(label.shape) == 4 and label.shape[3] != 1):
+        error(label_path, f"a label must be one 3D volume, got shape {_fmt(label.shape)}")
+    if findings:
+        return None, findings  # comparing the grids of volumes of the wrong dimensionality says nothing more
+    # Geometry: every channel file and the label must share the first image's grid.
+    reference = image_paths[0]
+    for path in [*image_paths[1:], label_path]:
+        other = opened[path]
+        if tuple(other.shape[:3]) != tuple(first.shape[:3]):
+            error(
+                path,
+                f"shape {_fmt(other.shape[:3])} does not match the image "
+                f"{names.get(reference, reference)} ({_fmt(first.shape[:3])})",
+            )
+        elif not np.allclose(other.affine, first.affine, atol=AFFINE_TOLERANCE):
+            diff = float(np.abs(other.affine - first.affine).max())
+            error(
+                path,
+                f"affine differs from the image {names.get(reference, reference)}'s by up to {diff:.4g} "
+                "(voxel size, direction or origin); image and label must lie on the same grid",
+            )
+    info = CaseInfo(
+        case_id=str(case.get("case_id", "")),
+        shape=tuple(int(s) for s in first.shape[:3]),
+        spacing=tuple(round(float(z), 4) for z in first.header.get_zooms()[:3]),
+        orientation="".join(nib.aff2axcodes(first.affine)),
+        channels=n_channels,
+    )
+    if findings or not full:
+        return info, findings
+
+    # Full check: read every voxel.
+    for path in image_paths:
+        data = _read(path, opened[path], error)
+        if data is None:
+            continue
+        _check_finite(path, data, error)
+        volumes = [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[3])]
+        info.percentiles.extend(_percentiles(v) for v in volumes)
+    label_data = _read(label_path, label, error)
+    if label_data is not None and _check_finite(label_path, label_data, error):
+        _check_labels(label_path, label_data, allowed, info, findings, error, names, index)
+    return info, findings
+
+
+def _open(path: str) -> tuple[Any, str | None]:
+    p = Path(path)
+    if not p.exists():
+        return None, "file not found"
+    if not p.is_file():
+        return None, "not a file"
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:  # nibabel raises several types for foreign or damaged files
+        kind = "not a NIfTI file" if not path.endswith(NIFTI_SUFFIXES) else "not a readable NIfTI image"
+        return None, f"{kind} ({type(exc).__name__}: {_first_line(exc)})"
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        return None, f"not a NIfTI image (nibabel reads it as {type(img).__name__})"
+    return img, None
+
+
+def _read(path: str, img: Any, error: Any) -> np.ndarray | None:
+    try:
+        if path.endswith(".gz"):
+            # Decompress the whole stream, so gzip's CRC check runs: a reader that stops at the data's end
+            # would miss damage it decodes into plausible-looking voxels.
+            img = type(img).from_bytes(gzip.decompress(Path(path).read_bytes()))
+        return np.asanyarray(img.dataobj)
+    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError: truncated or corrupt data
+        error(
+            path,
+            f"not a readable NIfTI image (truncated or corrupt data: {type(exc).__name__}: "
+            f"{_first_line(exc)})",
+        )
+        return None
+
+
+def _check_finite(path: str, data: np.ndarray, error: Any) -> bool:
+    if not np.issubdtype(data.dtype, np.floating):
+        return True  # integers cannot hold NaN or Inf
+    nan = int(np.isnan(data).sum())
+    inf = int(np.isinf(data).sum())
+    if nan or inf:
+        error(path, f"has {nan} NaN and {inf} infinite voxel values; all values must be finite")
+        return False
+    return True
+
+
+def _check_labels(
+    path: str,
+    data: np.ndarray,
+    allowed: set[int] | None,
+    info: CaseInfo,
+    findings: list[Finding],
+    error: Any,
+    names: Mapping[str, str],
+    index: int,
+) -> None:
+    if np.issubdtype(data.dtype, np.floating):
+        rounded = np.round(data)
+        if not np.array_equal(rounded, data):
+            odd = data[rounded != data].ravel()[:3]
+            error(path, f"has non-integer label values (e.g. {', '.join(f'{v:g}' for v in odd)})")
+            return
+        data = rounded.astype(np.int64)
+    values, counts = np.unique(data, return_counts=True)
+    info.label_counts = {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+    if allowed is not None:
+        extra = sorted(set(info.label_counts) - allowed)
+        if extra:
+            error(
+                path,
+                f"label values {', '.join(map(str, extra))} are not among the declared labels "
+                f"({', '.join(map(str, sorted(allowed)))})",
+            )
+    if set(info.label_counts) <= {0}:
+        findings.append(
+            Finding("warning", names.get(path, path), "all background (no labelled voxel)", index)
+        )
+
+
+def _percentiles(volume: np.ndarray) -> list[float]:
+    flat = volume.reshape(-1)
+    step = max(1, flat.size // MAX_SAMPLED_VOXELS)
+    return [round(float(v), 3) for v in np.percentile(flat[::step].astype(np.float64), PERCENTILES)]
+
+
+# -- across cases -------------------------------------------------------------------------------------------
+
+
+def _duplicate_ids(cases: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> list[Finding]:
+    first_seen: dict[str, int] = {}
+    findings = []
+    for index, case in enumerate(cases):
+        case_id = str(case.get("case_id", ""))
+        if case_id in first_seen:
+            path = _as_list(case["image"])[0]
+            other = _as_list(cases[first_seen[case_id]]["image"])[0]
+            findings.append(
+                Finding(
+                    "error",
+                    names.get(path, path),
+                    f"case id '{case_id}' is also used by {names.get(other, other)}; case ids must be unique",
+                    index,
+                )
+            )
+        else:
+            first_seen[case_id] = index
+    return findings
+
+
+def _channel_outliers(
+    cases: Sequence[Mapping[str, Any]], infos: Sequence[CaseInfo], names: Mapping[str, str]
+) -> list[Finding]:
+    """Without declared channels, cases whose channel count differs from most cases' cannot be batched."""
+    counts = Counter(info.channels for info in infos if info.channels)
+    if len(counts) < 2:
+        return []
+    usual = counts.most_common(1)[0][0]
+    by_id = {str(c.get("case_id", "")): (i, _as_list(c["image"])[0]) for i, c in enumerate(cases)}
+    return [
+        Finding(
+            "error",
+            names.get(by_id[info.case_id][1], by_id[info.case_id][1]),
+            f"has {info.channels} channel(s) but most cases have {usual}; every case needs the same channels",
+            by_id[info.case_id][0],
+        )
+        for info in infos
+        if info.channels and info.channels != usual and info.case_id in by_id
+    ]
+
+
+def _orientation_outliers(
+    cases: Sequence[Mapping[str, Any]], infos: Sequence[CaseInfo], names: Mapping[str, str]
+) -> list[Finding]:
+    counts = Counter(info.orientation for info in infos)
+    if len(counts) < 2:
+        return []
+    usual, how_many = counts.most_common(1)[0]
+    by_id = {str(c.get("case_id", "")): (i, _as_list(c["image"])[0]) for i, c in enumerate(cases)}
+    findings = []
+    for info in infos:
+        if info.orientation != usual and info.case_id in by_id:
+            index, path = by_id[info.case_id]
+            findings.append(
+                Finding(
+                    "warning",
+                    names.get(path, path),
+                    f"orientation {info.orientation} differs from most cases ({usual}, {how_many} of "
+                    f"{len(infos)}); seglight reorients on loading, but check the conversion",
+                    index,
+                )
+            )
+    return findings
+
+
+# -- the summary table ----------------------------------------------------------------------------------------
+
+
+def format_summary(report: DatasetReport) -> str:
+    """Rows of min / median / max over the cases, then orientations, channels and problems."""
+    infos = report.infos
+    lines = [
+        f"Dataset check ({'every voxel' if report.full else 'headers only'}): {report.num_cases} cases, "
+        f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)"
+    ]
+    if not infos:
+        return "\n".join(lines)
+    rows: list[tuple[str, str, str, str]] = [("", "min", "median", "max")]
+
+    def axis_row(name: str, values: list[tuple[float, ...]], fmt: str) -> None:
+        columns = list(zip(*values, strict=True))
+        stats = [[f(col) for col in columns] for f in (min, statistics.median, max)]
+        rows.append((name, *("×".join(format(v, fmt) for v in s) for s in stats)))
+
+    axis_row("shape (voxels)", [i.shape for i in infos], "g")
+    axis_row("spacing (mm)", [i.spacing for i in infos], ".3g")
+    num_channels = max(i.channels for i in infos)
+    for c in range(num_channels):
+        values = [i.percentiles[c] for i in infos if len(i.percentiles) > c]
+        for k, p in enumerate(PERCENTILES):
+            column = [v[k] for v in values]
+            if column:
+                rows.append(
+                    (
+                        f"intensity ch{c} p{p:g}",
+                        *(format(f(column), ".4g") for f in (min, statistics.median, max)),
+                    )
+                )
+    label_values = sorted({v for i in infos for v in i.label_counts})
+    for value in label_values:
+        counts = [i.label_counts.get(value, 0) for i in infos if i.label_counts]
+        name = report.labels.get(value)
+        rows.append(
+            (
+                f"label {value}{f' ({name})' if name else ''} voxels",
+                *(format(f(counts), ",.0f") for f in (min, statistics.median, max)),
+            )
+        )
+    widths = [max(len(row[k]) for row in rows) for k in range(4)]
+    lines += [
+        ("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))).rstrip()
+        for row in rows
+    ]
+    orientations = Counter(i.orientation for i in infos)
+    lines.append("  orientation: " + ", ".join(f"{o} ({n} cases)" for o, n in orientations.most_common()))
+    channel_counts = Counter(i.channels for i in infos)
+    lines.append("  channels: " + ", ".join(f"{c} ({n} cases)" for c, n in channel_counts.most_common()))
+    if report.labels:
+        lines.append("  declared labels: " + ", ".join(f"{v} {n}" for v, n in sorted(report.labels.items())))
+    return "\n".join(lines)
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "×".join(str(int(s)) for s in shape)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -3,25 +3,50 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from monai import transforms as mt
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import DataLoader, Dataset, ThreadDataLoader
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from seglight.data.checks import check_cases_readable
-from seglight.data.datalists import IMAGE, LABEL, Case, read_msd_datalist, resolve_datalist
+from seglight.data.cache import CACHE_MODES, cached_dataset
+from seglight.data.checks import DatasetReport, Finding, check_gzip_intact, inspect_cases
+from seglight.data.datalists import (
+    IMAGE,
+    LABEL,
+    LAYOUTS,
+    Case,
+    declared_channels,
+    declared_label_values,
+    declared_labels,
+    detect_layout,
+    read_datalist_file,
+    read_dataset_json,
+    read_msd_datalist,
+    read_nnunet_datalist,
+    resolve_datalist,
+)
 from seglight.data.demo import demo_root, ensure_demo_dataset
-from seglight.data.transforms import deterministic_transforms, random_transforms
-from seglight.errors import ConfigError
+from seglight.data.remote import RemoteCache, default_cache_dir, is_remote, localize_paths
+from seglight.data.splits import holdout_split, load_or_create_folds
+from seglight.data.transforms import (
+    deterministic_transforms,
+    oriented_geometry,
+    random_transforms,
+    resampled_shape,
+)
+from seglight.errors import ConfigError, DataError, SeglightError
 from seglight.utils import atomic_write_text
 
-CACHE_MODES = ("none", "memory")
+log = logging.getLogger("seglight")
+
+MODES = ("resize", "patch")
+BAD_CASE_ACTIONS = ("error", "skip")
 
 
 def available_cpus() -> int:
@@ -33,26 +58,52 @@ def available_cpus() -> int:
 
 
 class SegDataModule(L.LightningDataModule):
-    """Loads an MSD-style dataset (or the built-in demo), splits it, and serves train/validation batches.
+    """Loads a dataset (MSD, nnU-Net, a CSV/JSON datalist, or the built-in demo), local or on S3, checks it,
+    splits it, and serves train/validation batches.
 
     Args:
-        root: folder holding ``dataset.json`` (MSD layout); ignored when ``datalist`` is given.
-        datalist: inline list of ``{image_key: path, label_key: path}`` entries, relative to ``root`` or absolute.
+        root: folder (or ``s3://`` prefix) holding ``dataset.json`` (MSD or nnU-Net v2 layout); with a
+            datalist, the base of its relative paths.
+        datalist: inline list of ``{image_key: path, label_key: path}`` entries, or the path of a ``.csv`` or
+            ``.json`` datalist file; paths relative to ``root`` (default: the datalist file's folder) or absolute.
+        image_key: datalist key of the image; a list of keys stacks their files as channels.
+        layout: ``auto`` (from dataset.json's keys), ``msd`` or ``nnunet``.
+        labels: declared label values and names (``{0: background, 1: organ}``), for datalists without a
+            dataset.json; the check flags label values outside them.
         demo: settings of the synthetic demo dataset (see ``seglight.data.demo``); when given, it is generated
             on first use and read from its cache folder like any MSD dataset.
         spatial_size: every volume is resized to this size (x, y, z).
         a_min, a_max: intensity window mapped to [0, 1] (CT: -1000..1000; MRI e.g. 0..255).
         val_fraction: share of cases held out for validation, drawn with ``split_seed``.
-        split_path: where the split is written (JSON); an existing split for the same cases is reused.
-        cache: ``memory`` runs the deterministic transforms once per case; ``none`` every time.
+        split_path: where this run's split is written (JSON); an existing split for the same cases is reused.
+        fold: train on all folds but this one and validate on it (0..num_folds-1); None uses ``val_fraction``.
+        num_folds: folds of the seeded k-fold partition, saved to ``splits_path`` and reused from there.
+        splits_path: the k-fold partition (nnU-Net's splits.json format); point all folds of a study at one.
+        cache: ``memory`` runs the deterministic transforms once per case and keeps the result in RAM; ``disk``
+            keeps it in ``cache_dir`` across runs (invalidated when a file or a transform setting changes);
+            ``none`` runs them on every access.
+        cache_dir: folder of the ``disk`` cache.
+        on_bad_case: ``error`` refuses to train on a dataset with a bad case; ``skip`` leaves such cases out and
+            lists them in ``skipped_path``.
+        remote: ``cache_dir`` (where ``s3://`` objects are downloaded), ``endpoint_url`` (an S3-compatible
+            store; default ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` or AWS) and ``options`` (more s3fs
+            settings, e.g. ``anon: true``). Credentials never go here: they come from the AWS chain.
+        mode: ``resize`` (the lab: whole volumes resized to ``spatial_size``) or ``patch`` (volumes resampled to
+            ``target_spacing``, training on random patches, validation on whole volumes by sliding window).
+        target_spacing: patch mode: mm per voxel (x, y, z) after resampling; None keeps each scan's spacing.
+        patch_size: patch mode: training patch size (x, y, z), also the sliding-window size in validation.
+        num_samples: patch mode: patches drawn per volume per step (a batch holds batch_size * num_samples).
+        pos_neg_ratio: patch mode: foreground-centred : background-centred patches (``RandCropByPosNegLabeld``).
+        class_ratios: patch mode: per-class centre ratios, background first (``RandCropByLabelClassesd``);
+            replaces ``pos_neg_ratio`` when given.
     """
 
     def __init__(
         self,
         root: str | None = None,
-        datalist: Sequence[Mapping[str, Any]] | None = None,
+        datalist: Sequence[Mapping[str, Any]] | str | None = None,
         demo: Mapping[str, Any] | None = None,
-        image_key: str = "image",
+        image_key: str | Sequence[str] = "image",
         label_key: str = "label",
         spatial_size: Sequence[int] = (128, 128, 64),
         a_min: float = -1000.0,
@@ -64,12 +115,29 @@ class SegDataModule(L.LightningDataModule):
         split_seed: int = 0,
         split_path: str | None = None,
         cache: str = "memory",
+        cache_dir: str | None = None,
+        on_bad_case: str = "error",
+        skipped_path: str | None = None,
+        fold: int | None = None,
+        num_folds: int = 5,
+        splits_path: str | None = None,
+        layout: str = "auto",
+        labels: Mapping[Any, Any] | None = None,
+        remote: Mapping[str, Any] | None = None,
+        mode: str = "resize",
+        target_spacing: Sequence[float] | None = None,
+        patch_size: Sequence[int] | None = None,
+        num_samples: int = 1,
+        pos_neg_ratio: Sequence[float] = (1.0, 1.0),
+        class_ratios: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        # Saved into checkpoints (as datamodule_hyper_parameters) so prediction can rebuild the same preprocessing.
+        self.save_hyperparameters()
         self.root = root
         self.datalist = _plain(datalist)
         self.demo = _plain(demo)
-        self.image_key = image_key
+        self.image_key = _plain(image_key)
         self.label_key = label_key
         self.spatial_size = [int(s) for s in _plain(spatial_size)]
         self.a_min, self.a_max = float(a_min), float(a_max)
@@ -80,6 +148,31 @@ class SegDataModule(L.LightningDataModule):
         self.split_seed = int(split_seed)
         self.split_path = split_path
         self.cache = cache
+        self.cache_dir = cache_dir
+        self.on_bad_case = on_bad_case
+        self.skipped_path = skipped_path
+        self.fold = None if fold is None else int(fold)
+        self.num_folds = int(num_folds)
+        self.splits_path = splits_path
+        self.layout = layout
+        self.labels = _plain(labels)
+        remote = _plain(remote) or {}
+        self.remote_cache = RemoteCache(
+            cache_dir=Path(remote.get("cache_dir") or default_cache_dir() / "remote"),
+            endpoint_url=remote.get("endpoint_url"),
+            options=remote.get("options") or {},
+        )
+        self._cases: list[Case] | None = None
+        self._meta: dict[str, Any] | None = None
+        self._localized: tuple[list[Case], dict[str, str], list[Finding]] | None = None
+        self._failed: dict[str, str] = {}
+        self.skipped: list[dict[str, Any]] = []
+        self.mode = mode
+        self.target_spacing = _floats(target_spacing)
+        self.patch_size = [int(s) for s in _plain(patch_size)] if patch_size is not None else None
+        self.num_samples = int(num_samples)
+        self.pos_neg_ratio = _floats(pos_neg_ratio)
+        self.class_ratios = _floats(class_ratios)
         self._validate_options()
         self.train_cases: list[Case] = []
         self.val_cases: list[Case] = []
@@ -101,81 +194,280 @@ class SegDataModule(L.LightningDataModule):
             raise ConfigError(f"data.a_max ({self.a_max}) must be greater than data.a_min ({self.a_min})")
         if self.cache not in CACHE_MODES:
             raise ConfigError(f"data.cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.on_bad_case not in BAD_CASE_ACTIONS:
+            raise ConfigError(
+                f"data.on_bad_case must be one of {', '.join(BAD_CASE_ACTIONS)}, got {self.on_bad_case!r}"
+            )
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.num_folds < 2:
+            raise ConfigError(f"data.num_folds must be at least 2, got {self.num_folds}")
+        if self.fold is not None and not 0 <= self.fold < self.num_folds:
+            raise ConfigError(
+                f"data.fold must be between 0 and data.num_folds-1 ({self.num_folds - 1}), got {self.fold}"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be at least 1, got {self.batch_size}")
+        self._validate_patch_options()
+
+    def _validate_patch_options(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"data.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode != "patch":
+            return
+        if self.patch_size is None or len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ConfigError(
+                f"data.patch_size must be three positive sizes (x, y, z), got {self.patch_size}"
+            )
+        if self.target_spacing is not None and (
+            len(self.target_spacing) != 3 or min(self.target_spacing) <= 0
+        ):
+            raise ConfigError(
+                f"data.target_spacing must be three positive spacings in mm (or null), got {self.target_spacing}"
+            )
+        if self.num_samples < 1:
+            raise ConfigError(f"data.num_samples must be at least 1, got {self.num_samples}")
+        if self.pos_neg_ratio is None or len(self.pos_neg_ratio) != 2 or min(self.pos_neg_ratio) < 0:
+            raise ConfigError(
+                f"data.pos_neg_ratio must be two non-negative numbers, got {self.pos_neg_ratio}"
+            )
+        if sum(self.pos_neg_ratio) == 0:
+            raise ConfigError("data.pos_neg_ratio must not be [0, 0]")
+        if self.class_ratios is not None and (min(self.class_ratios) < 0 or sum(self.class_ratios) == 0):
+            raise ConfigError(
+                f"data.class_ratios must be non-negative and not all 0, got {self.class_ratios}"
+            )
 
     # -- where the cases come from -------------------------------------------------------------------------
 
     @property
-    def data_root(self) -> Path | None:
-        """The dataset folder: the demo's cache folder, or ``root``."""
+    def data_root(self) -> Path | str | None:
+        """The dataset folder: the demo's cache folder, or ``root`` (an ``s3://`` URL stays a string)."""
         if self.demo is not None:
             return demo_root(**self.demo)
-        return Path(self.root).expanduser() if self.root is not None else None
+        if self.root is None:
+            return None
+        return str(self.root) if is_remote(self.root) else Path(self.root).expanduser()
 
     def prepare_data(self) -> None:
-        """Generate the demo dataset on first use (runs once per node)."""
+        """Generate the demo dataset on first use, and download remote files into the cache (once per node)."""
         if self.demo is not None:
             ensure_demo_dataset(**self.demo)
+        self.localized_cases()
 
     def read_cases(self) -> list[Case]:
-        """All cases of the dataset, with absolute paths."""
+        """All cases of the dataset, with absolute paths or URLs (read once, then remembered)."""
+        if self._cases is None:
+            self._cases, self._meta = self._read_layout()
+        return [dict(case) for case in self._cases]
+
+    def _read_layout(self) -> tuple[list[Case], dict[str, Any]]:
+        root, store = self.data_root, self.remote_cache
+        if isinstance(self.datalist, str):
+            return read_datalist_file(self.datalist, root, self.image_key, self.label_key, store)
         if self.datalist is not None:
-            return resolve_datalist(self.datalist, self.data_root, self.image_key, self.label_key)
-        return read_msd_datalist(self.data_root, self.image_key, self.label_key)
+            return resolve_datalist(self.datalist, root, self.image_key, self.label_key), self._root_meta()
+        meta = read_dataset_json(root, store)
+        layout = detect_layout(meta) if self.layout == "auto" else self.layout
+        if layout == "nnunet":
+            return read_nnunet_datalist(root, store, meta), meta
+        return read_msd_datalist(root, self.image_key, self.label_key, store, meta), meta
+
+    def _root_meta(self) -> dict[str, Any]:
+        """dataset.json beside an inline datalist, if ``root`` has one."""
+        root = self.data_root
+        try:
+            return read_dataset_json(root, self.remote_cache) if root is not None else {}
+        except DataError:
+            return {}
+
+    def dataset_meta(self) -> dict[str, Any]:
+        """dataset.json (or a JSON datalist's keys besides ``training``); empty when there is none yet."""
+        if self._meta is None:
+            try:
+                if isinstance(self.datalist, str):
+                    self.read_cases()
+                else:
+                    self._meta = (
+                        read_dataset_json(self.data_root, self.remote_cache) if self.data_root else {}
+                    )
+            except SeglightError:
+                return {}  # not there yet (the demo before generation) or unreadable: setup says why
+        return dict(self._meta or {})
 
     @property
     def label_names(self) -> dict[int, str]:
-        """Label values and names from dataset.json's ``labels`` (background included), when it has them."""
-        root = self.data_root
-        index = root / "dataset.json" if root is not None else None
-        if index is None or not index.is_file():
-            return {}
-        labels = json.loads(index.read_text()).get("labels", {})
-        if not isinstance(labels, Mapping):
-            return {}
-        try:  # MSD: {"0": "background"}; nnU-Net v2: {"background": 0}
-            return {int(k): str(v) for k, v in labels.items()}
-        except (TypeError, ValueError):
-            return {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
+        """Label values and names (background included): ``data.labels``, else dataset.json's ``labels``.
+
+        Reads MSD's ``{"0": "background"}`` and nnU-Net v2's ``{"background": 0}``; cheap, works before setup.
+        """
+        if self.labels:
+            return declared_labels({"labels": self.labels})
+        return declared_labels(self.dataset_meta())
+
+    @property
+    def num_input_channels(self) -> int:
+        """Input channels: declared by dataset.json (MSD ``modality``, nnU-Net ``channel_names``), else the number
+        of files per case image, else the 4th axis of the first image's header; works before setup."""
+        declared = declared_channels(self.dataset_meta())
+        if declared:
+            return declared
+        try:
+            image = self.read_cases()[0][IMAGE]
+        except (SeglightError, IndexError):
+            return 1
+        if isinstance(image, list):
+            return len(image)
+        try:
+            path = self.remote_cache.fetch(image) if is_remote(image) else image
+            import nibabel as nib
+
+            shape = nib.load(str(path)).shape
+        except Exception:  # unreadable: the check at setup names the file
+            return 1
+        return int(shape[3]) if len(shape) == 4 else 1
+
+    def localized_cases(self) -> tuple[list[Case], dict[str, str], list[Finding]]:
+        """The cases with every remote file replaced by its local copy (fetched now unless cached).
+
+        Returns the cases, the URL of each local copy (to name files in messages) and a finding for each
+        object that could not be fetched. A problem every object would share (bucket, credentials) raises.
+        """
+        if self._localized is not None:
+            return self._localized
+        cases = self.read_cases()
+        urls = [p for case in cases for p in _paths_of(case) if is_remote(p)]
+        if not urls:
+            self._localized = (cases, {}, [])
+            return self._localized
+        fetched, problems = self.remote_cache.fetch_all(urls)
+        findings = []
+        for index, case in enumerate(cases):
+            for url in _paths_of(case):
+                if url in problems:
+                    message = problems[url].removeprefix(f"{url}: ")
+                    findings.append(Finding("error", url, message, index))
+            case[IMAGE] = localize_paths(case[IMAGE], fetched)
+            case[LABEL] = localize_paths(case[LABEL], fetched)
+        usage = self.remote_cache.usage()
+        log.info(
+            "Remote files: %d of %d fetched now (%.1f MB); cache %s",
+            self.remote_cache.downloaded,
+            len(set(urls)),
+            self.remote_cache.downloaded_bytes / 1e6,
+            usage,
+        )
+        self._localized = (cases, {str(path): url for url, path in fetched.items()}, findings)
+        return self._localized
+
+    def inspect(self, full: bool = False, workers: int | None = None) -> tuple[list[Case], DatasetReport]:
+        """Read every case, fetch remote files, and check them: headers only, or every voxel with ``full``.
+
+        Returns the cases (local paths) and the report; this is what ``python -m seglight.check`` runs, and its
+        fast part runs before training.
+        """
+        cases, names, fetch_findings = self.localized_cases()
+        unfetched = {f.case_index for f in fetch_findings if f.case_index is not None}
+        meta = self.dataset_meta()
+        label_values = declared_label_values({"labels": self.labels} if self.labels else meta)
+        report = inspect_cases(
+            cases,
+            full=full,
+            labels=self.label_names,
+            label_values=label_values,
+            channels=declared_channels(meta),
+            names=names,
+            workers=workers or max(1, self.num_workers),
+            exclude=unfetched,
+        )
+        report.findings[:0] = fetch_findings
+        return cases, report
 
     # -- split and datasets --------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and check the cases, split them, and build the datasets."""
+        """Read, fetch and check the cases (the fast check), split them, and build the datasets."""
         if self.train_ds is not None:
             return
         if self.demo is not None:
             ensure_demo_dataset(**self.demo)  # also for direct use without prepare_data (notebooks, tests)
-        cases = self.read_cases()
-        check_cases_readable(cases, [IMAGE, LABEL])
-        self.train_cases, self.val_cases = self.split(cases)
+        cases, report = self.inspect(full=False)
+        _log_warnings(report)
+        bad = report.bad_cases()
+        if bad and self.on_bad_case == "error":
+            report.raise_for_errors()
+        self.skipped = [{"case_id": cases[i]["case_id"], "problems": bad[i]} for i in sorted(bad)]
+        good = [case for i, case in enumerate(cases) if i not in bad]
+        self.check_patch_fits(good)
+        # The partition covers every case, skipped ones too, so skipping never reshuffles the folds.
+        train, val = self.split(cases)
+        good_ids = {case["case_id"] for case in good}
+        self.train_cases = [c for c in train if c["case_id"] in good_ids]
+        self.val_cases = [c for c in val if c["case_id"] in good_ids]
+        self._failed = {}
         self.train_ds = self._dataset(self.train_cases, train=True)
         self.val_ds = self._dataset(self.val_cases, train=False)
+        self._handle_failed_cases()
+
+    def _handle_failed_cases(self) -> None:
+        """Cases that failed to preprocess: refuse to train (``error``) or leave them out (``skip``), recorded."""
+        if self._failed and self.on_bad_case == "error":
+            self.train_ds = self.val_ds = None
+            lines = list(self._failed.values())
+            raise DataError(
+                lines[0]
+                if len(lines) == 1
+                else f"{len(lines)} cases cannot be used:\n  " + "\n  ".join(lines)
+            )
+        self.skipped += [{"case_id": c, "problems": [m]} for c, m in self._failed.items()]
+        self.train_cases = [c for c in self.train_cases if c["case_id"] not in self._failed]
+        self.val_cases = [c for c in self.val_cases if c["case_id"] not in self._failed]
+        if self.on_bad_case != "skip":
+            return
+        if self.skipped_path:
+            record = {"on_bad_case": "skip", "skipped": self.skipped}
+            atomic_write_text(Path(self.skipped_path), json.dumps(record, indent=2))
+        if self.skipped:
+            log.warning(
+                "Skipping %d bad case(s) (data.on_bad_case=skip), listed in %s: %s",
+                len(self.skipped),
+                self.skipped_path,
+                "; ".join(p for s in self.skipped for p in s["problems"]),
+            )
+        if not self.train_cases or not self.val_cases:
+            self.train_ds = self.val_ds = None
+            raise DataError(
+                f"after skipping {len(self.skipped)} bad case(s), {len(self.train_cases)} training and "
+                f"{len(self.val_cases)} validation cases remain; training needs at least one of each"
+            )
 
     def split(self, cases: list[Case]) -> tuple[list[Case], list[Case]]:
-        """Seeded train/validation split, saved to ``split_path``; a saved split of the same cases is reused."""
-        if len(cases) < 2:
+        """Seeded train/validation split, saved to ``split_path``; a saved split of the same cases is reused.
+
+        With ``fold`` set, the split is that fold of the k-fold partition in ``splits_path`` (made once, then
+        reused, so every fold of a study shares it); otherwise ``val_fraction`` of the cases are held out.
+        """
+        by_id: dict[str, Case] = {}
+        for case in cases:
+            by_id.setdefault(case["case_id"], case)  # the first of duplicated ids (the check flags the rest)
+        if len(by_id) < 2:
             raise ConfigError(
-                f"the dataset has {len(cases)} case(s); training needs at least 2 (train + validation)"
+                f"the dataset has {len(by_id)} case(s); training needs at least 2 (train + validation)"
             )
-        by_id = {c["case_id"]: c for c in cases}
-        saved = self._saved_split(set(by_id))
-        if saved is not None:
-            train_ids, val_ids = saved
+        record: dict[str, Any] = {"seed": self.split_seed}
+        if self.fold is not None:
+            folds = load_or_create_folds(self.splits_path, set(by_id), self.num_folds, self.split_seed)
+            train_ids, val_ids = folds[self.fold]["train"], folds[self.fold]["val"]
+            record.update(fold=self.fold, num_folds=self.num_folds, splits_path=self.splits_path)
         else:
-            ids = sorted(by_id)
-            random.Random(self.split_seed).shuffle(ids)
-            n_val = min(len(ids) - 1, max(1, round(len(ids) * self.val_fraction)))
-            val_ids, train_ids = sorted(ids[:n_val]), sorted(ids[n_val:])
-            if self.split_path:
-                record = {
-                    "seed": self.split_seed,
-                    "val_fraction": self.val_fraction,
-                    "train": train_ids,
-                    "val": val_ids,
-                }
-                atomic_write_text(Path(self.split_path), json.dumps(record, indent=2))
+            saved = self._saved_split(set(by_id))
+            train_ids, val_ids = (
+                saved if saved is not None else holdout_split(by_id, self.val_fraction, self.split_seed)
+            )
+            record.update(val_fraction=self.val_fraction)
+        if self.split_path:
+            record.update(train=list(train_ids), val=list(val_ids))
+            atomic_write_text(Path(self.split_path), json.dumps(record, indent=2))
         return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
 
     def _saved_split(self, ids: set[str]) -> tuple[list[str], list[str]] | None:
@@ -184,7 +476,9 @@ class SegDataModule(L.LightningDataModule):
         try:
             record = json.loads(Path(self.split_path).read_text())
             train_ids, val_ids = list(record["train"]), list(record["val"])
-        except (OSError, ValueError, KeyError, TypeError):
+            if record.get("fold") is not None:
+                return None  # a fold's split: the hold-out split is made afresh
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         if set(train_ids) | set(val_ids) != ids:
             return None  # a different dataset: make a new split
@@ -193,20 +487,89 @@ class SegDataModule(L.LightningDataModule):
     def transforms(self, train: bool) -> mt.Compose:
         """The full pipeline: deterministic prefix, plus the random flip for training."""
         steps = deterministic_transforms(
-            IMAGE, LABEL, self.spatial_size, self.a_min, self.a_max, self.orientation
+            IMAGE,
+            LABEL,
+            self.spatial_size,
+            self.a_min,
+            self.a_max,
+            self.orientation,
+            mode=self.mode,
+            target_spacing=self.target_spacing,
         )
         if train:
-            steps += random_transforms(IMAGE, LABEL)
+            steps += random_transforms(
+                IMAGE,
+                LABEL,
+                mode=self.mode,
+                patch_size=self.patch_size,
+                num_samples=self.num_samples,
+                pos_neg_ratio=self.pos_neg_ratio,
+                class_ratios=self.class_ratios,
+            )
         return mt.Compose(steps)
 
-    def _dataset(self, cases: list[Case], train: bool) -> Dataset:
-        transform = self.transforms(train)
-        if self.cache == "memory":
-            # CacheDataset stores each case's output up to the first random transform.
-            return CacheDataset(
-                cases, transform, cache_rate=1.0, num_workers=max(1, self.num_workers), progress=False
+    def check_patch_fits(self, cases: Sequence[Case]) -> None:
+        """Patch mode: ConfigError unless every volume, once resampled, is at least the patch size (from headers).
+
+        Also checks that ``class_ratios`` has one entry per label class of the dataset.
+        """
+        if self.mode != "patch":
+            return
+        names = self.label_names
+        if self.class_ratios is not None and names and len(self.class_ratios) != len(names):
+            raise ConfigError(
+                f"data.class_ratios has {len(self.class_ratios)} entries but the dataset has {len(names)} label "
+                f"classes ({', '.join(f'{v} {n}' for v, n in sorted(names.items()))}): give one ratio per class"
             )
-        return Dataset(cases, transform)
+        shapes: dict[str, list[int]] = {}
+        for case in cases:
+            path = case[IMAGE][0] if isinstance(case[IMAGE], list) else case[IMAGE]
+            if "://" in str(path):
+                continue  # remote files are checked when fetched; padding keeps the crops valid
+            shape, spacing = oriented_geometry(str(path), self.orientation)
+            if self.target_spacing is not None:
+                shape = resampled_shape(shape, spacing, self.target_spacing)
+            shapes[case["case_id"]] = shape
+        too_small = [
+            c
+            for c, shape in shapes.items()
+            if any(p > n for p, n in zip(self.patch_size, shape, strict=True))
+        ]
+        if not too_small:
+            return
+        smallest = [min(shape[axis] for shape in shapes.values()) for axis in range(3)]
+        culprit = f"{too_small[0]} ({shapes[too_small[0]]} voxels)"
+        if len(too_small) > 1:
+            culprit += f" and {len(too_small) - 1} more"
+        where = (
+            f"at data.target_spacing={self.target_spacing} mm"
+            if self.target_spacing
+            else "at its own spacing"
+        )
+        raise ConfigError(
+            f"data.patch_size={self.patch_size} is larger than the volume: case {culprit} {where}; "
+            f"use data.patch_size no larger than {smallest} (the smallest volume), or a finer data.target_spacing"
+        )
+
+    def _dataset(self, cases: list[Case], train: bool) -> Dataset:
+        """The dataset of ``cases``: deterministic part cached per ``cache``; cases that fail go to ``_failed``."""
+        transform = self.transforms(train)
+        cache_dir = Path(self.cache_dir or default_cache_dir() / "preprocessed").expanduser()
+        dataset, failures = cached_dataset(
+            cases,
+            transform,
+            self.cache,
+            cache_dir,
+            workers=max(1, self.num_workers),
+            verify=check_gzip_intact,
+            keep_meta=not train,  # training steps need no affine or header; validation metrics need spacing
+        )
+        _, names, _ = self.localized_cases()
+        for index, message in failures.items():
+            for local, url in names.items():  # name downloaded files by their URL
+                message = message.replace(local, url)
+            self._failed[cases[index]["case_id"]] = message
+        return dataset
 
     # -- loaders -------------------------------------------------------------------------------------------
 
@@ -219,6 +582,10 @@ class SegDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("SegDataModule.setup() must run before the loaders are asked for")
+        if self.cache != "none":
+            # Only the random augmentation is left per step: a background thread assembles batches faster than
+            # worker processes, which would copy every batch through shared memory (MONAI's fast-training recipe).
+            return ThreadDataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle)
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
@@ -227,6 +594,28 @@ class SegDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=False,
         )
+
+
+def _paths_of(case: Case) -> list[str]:
+    files: list[str] = []
+    for key in (IMAGE, LABEL):
+        value = case[key]
+        files.extend(str(v) for v in value) if isinstance(value, list) else files.append(str(value))
+    return files
+
+
+def _log_warnings(report: DatasetReport, limit: int = 5) -> None:
+    warnings = report.warnings
+    for finding in warnings[:limit]:
+        log.warning("Data check: %s", finding)
+    if len(warnings) > limit:
+        log.warning(
+            "Data check: %d more warnings; python -m seglight.check lists them all", len(warnings) - limit
+        )
+
+
+def _floats(value: Any) -> list[float] | None:
+    return [float(v) for v in _plain(value)] if value is not None else None
 
 
 def _plain(value: Any) -> Any:

@@ -34,11 +34,15 @@ def deterministic_transforms(
     a_min: float = -1000.0,
     a_max: float = 1000.0,
     orientation: str | None = "RAS",
+    mode: str = "resize",
+    target_spacing: Sequence[float] | None = None,
 ) -> list[mt.Transform]:
-    """Load, channel-first, orient, resize and window: the same output every time, so it can be cached.
+    """Load, channel-first, orient, resize (or resample) and window: the same output every time, so it can be cached.
 
-    Labels are resized with nearest-neighbour interpolation: trilinear would blur a binary mask into
-    fractional values that are no longer labels.
+    ``mode="resize"`` (the lab) resizes every volume to ``spatial_size``; ``mode="patch"`` resamples it to
+    ``target_spacing`` mm (or keeps its own spacing when that is None) and keeps its extent, for training on
+    patches and validating whole volumes. Labels are interpolated nearest-neighbour: trilinear would blur a
+    mask into fractional values that are no longer labels.
     """
     keys = [image_key] + ([label_key] if label_key else [])
     steps: list[mt.Transform] = [
@@ -47,13 +51,22 @@ def deterministic_transforms(
     ]
     if orientation:
         steps.append(mt.Orientationd(keys=keys, axcodes=orientation, labels=None))
-    steps.append(
-        mt.Resized(
-            keys=keys,
-            spatial_size=tuple(spatial_size),
-            mode=["trilinear"] + (["nearest"] if label_key else []),
+    if mode == "resize":
+        steps.append(
+            mt.Resized(
+                keys=keys,
+                spatial_size=tuple(spatial_size),
+                mode=["trilinear"] + (["nearest"] if label_key else []),
+            )
         )
-    )
+    elif target_spacing is not None:
+        steps.append(
+            mt.Spacingd(
+                keys=keys,
+                pixdim=tuple(float(s) for s in target_spacing),
+                mode=["bilinear"] + (["nearest"] if label_key else []),
+            )
+        )
     steps.append(
         mt.ScaleIntensityRanged(keys=image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)
     )
@@ -62,10 +75,82 @@ def deterministic_transforms(
 
 
 def random_transforms(
-    image_key: str = "image", label_key: str = "label", flip_prob: float = 0.5
+    image_key: str = "image",
+    label_key: str = "label",
+    flip_prob: float = 0.5,
+    mode: str = "resize",
+    patch_size: Sequence[int] | None = None,
+    num_samples: int = 1,
+    pos_neg_ratio: Sequence[float] = (1.0, 1.0),
+    class_ratios: Sequence[float] | None = None,
 ) -> list[mt.Transform]:
-    """The training augmentation of the reference pipeline: a random flip along the first spatial axis."""
-    return [mt.RandFlipd(keys=[image_key, label_key], prob=flip_prob, spatial_axis=0)]
+    """The training augmentation: the reference random flip along the first axis, after patch sampling in patch mode.
+
+    Patch mode draws ``num_samples`` patches of ``patch_size`` per volume, centred on foreground or background
+    voxels at ``pos_neg_ratio`` (``RandCropByPosNegLabeld``; background centres inside the body, image > 0),
+    or on each label class at ``class_ratios`` (``RandCropByLabelClassesd``, background first). Volumes are
+    padded up to the patch size first, so a rounding voxel after resampling never breaks a crop.
+    """
+    keys = [image_key, label_key]
+    steps: list[mt.Transform] = []
+    if mode == "patch":
+        if patch_size is None:
+            raise ValueError("patch mode needs a patch_size")
+        size = tuple(int(s) for s in patch_size)
+        steps.append(mt.SpatialPadd(keys=keys, spatial_size=size))
+        if class_ratios is not None:
+            steps.append(
+                mt.RandCropByLabelClassesd(
+                    keys=keys,
+                    label_key=label_key,
+                    spatial_size=size,
+                    ratios=[float(r) for r in class_ratios],
+                    num_classes=len(class_ratios),
+                    num_samples=int(num_samples),
+                    warn=False,  # a class missing from one volume is normal; its share goes to the others
+                )
+            )
+        else:
+            pos, neg = (float(r) for r in pos_neg_ratio)
+            steps.append(
+                mt.RandCropByPosNegLabeld(
+                    keys=keys,
+                    label_key=label_key,
+                    spatial_size=size,
+                    pos=pos,
+                    neg=neg,
+                    num_samples=int(num_samples),
+                    image_key=image_key,
+                    image_threshold=0.0,
+                )
+            )
+    steps.append(mt.RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0))
+    return steps
+
+
+def oriented_geometry(path: str, orientation: str | None = "RAS") -> tuple[list[int], list[float]]:
+    """(shape, spacing in mm) of a NIfTI image as the pipeline sees it after reorientation, from its header."""
+    import nibabel as nib
+    from nibabel import orientations as no
+
+    image = nib.load(path)
+    shape = [int(n) for n in image.shape[:3]]
+    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    if not orientation:
+        return shape, zooms
+    transform = no.ornt_transform(no.io_orientation(image.affine), no.axcodes2ornt(orientation))
+    out_shape, out_spacing = list(shape), list(zooms)
+    for axis, (new_axis, _) in enumerate(transform[:3]):
+        out_shape[int(new_axis)], out_spacing[int(new_axis)] = shape[axis], zooms[axis]
+    return out_shape, out_spacing
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
+    """Voxels per axis after resampling to ``target`` spacing (as MONAI's Spacing computes it, corner to corner)."""
+    return [
+        max(1, round((int(n) - 1) * float(s) / float(t) + 1))
+        for n, s, t in zip(shape, spacing, target, strict=True)
+    ]
 
 
 def _paths(value: Any) -> str:

@@ -1,0 +1,385 @@
+"""``s3://`` (and other fsspec) URLs -> local files, through a download cache that is never left half-written.
+
+Each object is downloaded once into ``<cache_dir>/<protocol>/<bucket>/<key>@<version>/<name>``, where the version
+is a hash of the object's ETag (or modification time) and size: a changed object gets a new folder and is fetched
+again, an unchanged one is a cache hit. Downloads go to a temporary name in the same folder and are renamed into
+place only when complete, under a file lock, so several DataLoader workers, threads or ranks can share one cache.
+
+Credentials come from the standard AWS chain (environment, ``AWS_PROFILE``, instance role); an S3-compatible store
+is reached through ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` or ``data.remote.endpoint_url``. Nothing here
+stores or prints a secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import secrets
+import shutil
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seglight.errors import ConfigError, DataError
+
+log = logging.getLogger("seglight")
+
+DOWNLOAD_THREADS = 8  # downloads wait on the network, not the CPU
+SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key"}
+SECRET_OPTIONS |= {"aws_session_token", "session_token", "access_key", "secret_key"}
+
+
+def default_cache_dir() -> Path:
+    """seglight's cache folder outside Hydra runs: ``$SEGLIGHT_CACHE_DIR`` or ``~/.cache/seglight``."""
+    return Path(os.environ.get("SEGLIGHT_CACHE_DIR", "~/.cache/seglight")).expanduser()
+
+
+def is_remote(path: Any) -> bool:
+    """True for a URL such as ``s3://bucket/key`` (``file://`` counts as local)."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def join_path(base: str | Path, relative: str) -> str:
+    """``relative`` taken from ``base``, for local folders and URLs alike; absolute paths and URLs pass through."""
+    if "://" in relative:
+        return relative
+    if is_remote(base):
+        protocol, rest = str(base).split("://", 1)
+        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, relative))}"
+    path = Path(relative).expanduser()
+    return str(path if path.is_absolute() else (Path(base).expanduser() / path).resolve())
+
+
+def redact(url: str | None) -> str:
+    """A URL without any ``user:password@`` part, for messages and logs."""
+    return re.sub(r"://[^/@]*@", "://", url) if url else ""
+
+
+class RemoteError(DataError):
+    """A remote object that cannot be fetched; ``systemic`` when every object would fail the same way."""
+
+    def __init__(self, message: str, systemic: bool = False) -> None:
+        super().__init__(message)
+        self.systemic = systemic
+
+
+@dataclass
+class CacheUsage:
+    """How many files and bytes a cache folder holds, for the user to see."""
+
+    path: Path
+    files: int
+    bytes: int
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.files} files, {self.bytes / 1e6:.1f} MB)"
+
+
+def cache_usage(path: Path) -> CacheUsage:
+    """Files and bytes under ``path`` (temporary and lock files excluded)."""
+    files = total = 0
+    if path.is_dir():
+        for item in path.rglob("*"):
+            hidden = any(part.startswith(".") for part in item.relative_to(path).parts)
+            if item.is_file() and not hidden:
+                files += 1
+                total += item.stat().st_size
+    return CacheUsage(path, files, total)
+
+
+@dataclass
+class RemoteCache:
+    """Reads remote text files and lists remote folders, and fetches remote objects into a local cache.
+
+    Every method also accepts local paths, which pass through untouched, so callers need not tell them apart.
+
+    Args:
+        cache_dir: where downloaded objects are kept.
+        endpoint_url: an S3-compatible endpoint; ``None`` lets boto use ``AWS_ENDPOINT_URL(_S3)`` or AWS itself.
+        options: further fsspec/s3fs settings (``anon``, ``requester_pays``, ``config_kwargs``...); never
+            credentials.
+    """
+
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir() / "remote")
+    endpoint_url: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    downloaded: int = 0
+    downloaded_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir).expanduser()
+        self.options = dict(self.options or {})
+        secret = sorted(k for k in self.options if k.lower() in SECRET_OPTIONS)
+        if secret:
+            raise ConfigError(
+                f"data.remote.options.{secret[0]}: credentials do not belong in the config (it is saved with "
+                "every run); use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role"
+            )
+        self._filesystems: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Filesystem clients hold sockets and event loops; a copy in another process makes its own.
+        state = dict(self.__dict__)
+        state["_filesystems"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # -- reading and listing -------------------------------------------------------------------------------
+
+    def read_text(self, path: str | Path) -> str:
+        """The text of a local or remote file."""
+        if not is_remote(path):
+            try:
+                return Path(path).expanduser().read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise DataError(
+                    f"{path}: cannot be read ({type(exc).__name__}: {_first_line(exc)})"
+                ) from None
+        fs, rpath = self._filesystem(str(path))
+        try:
+            return fs.cat_file(rpath).decode("utf-8")
+        except Exception as exc:
+            raise self._error(str(path), exc) from None
+
+    def exists(self, path: str | Path) -> bool:
+        """Whether a local or remote file or folder exists (access problems raise)."""
+        if not is_remote(path):
+            return Path(path).expanduser().exists()
+        fs, rpath = self._filesystem(str(path))
+        try:
+            fs.info(rpath)
+            return True
+        except FileNotFoundError as exc:
+            if _bucket_missing(exc):
+                raise self._error(str(path), exc) from None
+            return False
+        except Exception as exc:
+            raise self._error(str(path), exc) from None
+
+    def list_files(self, folder: str | Path) -> list[str]:
+        """Full paths (or URLs) of the files directly inside a local or remote folder, sorted."""
+        if not is_remote(folder):
+            return sorted(str(p) for p in Path(folder).expanduser().iterdir() if p.is_file())
+        fs, rpath = self._filesystem(str(folder))
+        try:
+            entries = fs.ls(rpath.rstrip("/"), detail=True, refresh=True)
+        except Exception as exc:
+            raise self._error(str(folder), exc) from None
+        return sorted(fs.unstrip_protocol(e["name"]) for e in entries if e.get("type") == "file")
+
+    # -- fetching ------------------------------------------------------------------------------------------
+
+    def fetch(self, url: str, callback: Any = None) -> Path:
+        """The local copy of ``url``, downloaded now unless the cache holds this version already.
+
+        ``callback`` is an ``fsspec.callbacks.Callback`` that sees the download's progress.
+        """
+        fs, rpath = self._filesystem(url)
+        try:
+            info = fs.info(rpath)
+        except Exception as exc:
+            raise self._error(url, exc) from None
+        if info.get("type") == "directory":
+            raise RemoteError(f"{url}: is a folder, not a file")
+        size = info.get("size")
+        dest = self.local_path(url, info)
+        if _complete(dest, size):
+            return dest
+        from filelock import FileLock
+
+        lock_dir = self.cache_dir / ".locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock_dir / f"{hashlib.sha1(url.encode()).hexdigest()}.lock")):
+            if _complete(dest, size):  # another worker or rank finished it while we waited
+                return dest
+            self._download(fs, rpath, url, dest, size, callback)
+        self._prune_old_versions(dest)
+        return dest
+
+    def fetch_all(self, urls: Iterable[str]) -> tuple[dict[str, Path], dict[str, str]]:
+        """Fetch several objects in parallel: (local path per URL, problem per URL that could not be fetched).
+
+        A problem that every object would share (missing bucket, credentials, endpoint) raises at once,
+        as one message, instead of being repeated per object.
+        """
+        pending = list(dict.fromkeys(urls))
+        fetched: dict[str, Path] = {}
+        problems: dict[str, str] = {}
+        if not pending:
+            return fetched, problems
+
+        def one(url: str) -> None:
+            try:
+                fetched[url] = self.fetch(url)
+            except RemoteError as err:
+                if err.systemic:
+                    raise
+                problems[url] = str(err)
+
+        one(pending[0])  # a systemic problem surfaces once, before a burst of parallel requests
+        with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
+            for future in [pool.submit(one, url) for url in pending[1:]]:
+                future.result()
+        return fetched, problems
+
+    def local_path(self, url: str, info: dict[str, Any]) -> Path:
+        """Where version ``info`` of ``url`` lives in the cache."""
+        protocol, rest = url.split("://", 1)
+        parts = [p for p in posixpath.normpath(rest).split("/") if p not in ("", ".", "..")]
+        version_of = [info.get(k) for k in ("ETag", "etag", "md5", "mtime", "LastModified", "updated")]
+        fingerprint = json.dumps([version_of, info.get("size")], default=str).encode()
+        version = hashlib.sha1(fingerprint).hexdigest()[:12]
+        name = parts[-1]
+        return self.cache_dir.joinpath(protocol, *parts[:-1], f"{name}@{version}", name)
+
+    def usage(self) -> CacheUsage:
+        """Files and bytes the cache holds now."""
+        return cache_usage(self.cache_dir)
+
+    def _download(self, fs: Any, rpath: str, url: str, dest: Path, size: int | None, callback: Any) -> None:
+        from fsspec.callbacks import NoOpCallback
+
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(rpath, str(tmp), callback=callback or NoOpCallback())
+            got = tmp.stat().st_size if tmp.exists() else 0
+            if size is not None and got != size:
+                raise RemoteError(f"{url}: download incomplete ({got} of {size} bytes); run again to retry")
+            os.replace(tmp, dest)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            _remove_empty(dest.parent, self.cache_dir)
+            if isinstance(exc, RemoteError) or not isinstance(exc, Exception):
+                raise
+            raise self._error(url, exc, downloading=True) from None
+        with self._lock:
+            self.downloaded += 1
+            self.downloaded_bytes += dest.stat().st_size
+
+    def _prune_old_versions(self, dest: Path) -> None:
+        # Older versions of the same object are dead weight once the new one is in place.
+        stem = dest.parent.name.rsplit("@", 1)[0]
+        for sibling in dest.parent.parent.glob(f"{glob_escape(stem)}@*"):
+            if sibling != dest.parent and sibling.is_dir():
+                shutil.rmtree(sibling, ignore_errors=True)
+
+    def _filesystem(self, url: str) -> tuple[Any, str]:
+        protocol = url.split("://", 1)[0]
+        with self._lock:
+            fs = self._filesystems.get(protocol)
+            if fs is None:
+                fs = self._filesystems[protocol] = self._make_filesystem(protocol, url)
+        return fs, fs._strip_protocol(url)
+
+    def _make_filesystem(self, protocol: str, url: str) -> Any:
+        import fsspec
+
+        # A client of its own (not fsspec's shared instance), so credentials and endpoint are read afresh.
+        options: dict[str, Any] = {**self.options, "skip_instance_cache": True}
+        if protocol in ("s3", "s3a") and self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+        try:
+            return fsspec.filesystem(protocol, **options)
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(f"{url}: cannot read {protocol}:// paths ({exc})") from None
+
+    def _endpoint(self) -> str:
+        endpoint = (
+            self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        return redact(endpoint) if endpoint else "AWS S3"
+
+    def _error(self, url: str, exc: BaseException, downloading: bool = False) -> RemoteError:
+        """One clear message for what went wrong with ``url``, without the client's traceback."""
+        names = {type(e).__name__ for e in _chain(exc)}
+        detail = _first_line(exc)
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        if "NoCredentialsError" in names or "PartialCredentialsError" in names:
+            return RemoteError(
+                f"{url}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or AWS_PROFILE, or run where an instance role provides them",
+                systemic=True,
+            )
+        if isinstance(exc, FileNotFoundError):
+            if _bucket_missing(exc):
+                return RemoteError(f"{url}: bucket '{bucket}' does not exist at {self._endpoint()}", True)
+            return RemoteError(f"{url}: no such object in bucket '{bucket}'")
+        if isinstance(exc, PermissionError) or names & {"InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+            return RemoteError(
+                f"{url}: access denied by {self._endpoint()} ({detail}); check the AWS credentials "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role) and the bucket's "
+                "permissions",
+                systemic=True,
+            )
+        if downloading:
+            return RemoteError(
+                f"{url}: download interrupted ({detail}); nothing was kept in the cache, run again to retry",
+                systemic=_connection_error(names),
+            )
+        if _connection_error(names):
+            return RemoteError(f"{url}: cannot reach {self._endpoint()} ({detail})", systemic=True)
+        return RemoteError(f"{url}: cannot be read ({type(exc).__name__}: {detail})")
+
+
+def localize_paths(value: Any, fetched: dict[str, Path]) -> Any:
+    """``value`` (a path or a list of paths) with every fetched URL replaced by its local copy."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [localize_paths(v, fetched) for v in value]
+    return str(fetched[value]) if isinstance(value, str) and value in fetched else value
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob wildcards escaped."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _complete(dest: Path, size: int | None) -> bool:
+    return dest.is_file() and (size is None or dest.stat().st_size == size)
+
+
+def _remove_empty(folder: Path, stop: Path) -> None:
+    """Remove ``folder`` and its parents up to ``stop`` while they are empty."""
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another version or worker) or already gone
+            return
+        folder = folder.parent
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _bucket_missing(exc: BaseException) -> bool:
+    return any(
+        "NoSuchBucket" in type(e).__name__ or "bucket does not exist" in str(e).lower() for e in _chain(exc)
+    )
+
+
+def _connection_error(names: set[str]) -> bool:
+    markers = ("Connect", "Connection", "Endpoint", "Timeout", "Payload", "IncompleteRead", "Disconnected")
+    return any(marker in name for name in names for marker in markers)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
