@@ -1,18 +1,27 @@
-"""SegModule: a MONAI network with its loss, Dice metric, optimiser and logging, as a LightningModule."""
+"""SegModule: a MONAI network with its loss, metrics, optimiser and logging, as a LightningModule."""
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from monai.metrics import DiceMetric
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric, SurfaceDiceMetric
+from monai.networks.utils import one_hot
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from seglight.errors import ConfigError
+from seglight.errors import ConfigError, DataError
+from seglight.metrics import HD95Metric, image_spacing, per_class_means
+from seglight.networks import AUTO, apply_options, network_arguments, split_options
+
+log = logging.getLogger("seglight")
 
 DEFAULT_NET = {
     "_target_": "monai.networks.nets.SegResNet",
@@ -24,20 +33,41 @@ DEFAULT_NET = {
 }
 DEFAULT_LOSS = {"_target_": "monai.losses.DiceLoss", "sigmoid": True}
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}
+# Whole-volume inference: without roi_size the network sees the whole volume at once (the lab's resize mode);
+# with it, monai's sliding_window_inference runs windows of that size and blends them.
+DEFAULT_INFERENCE = {
+    "roi_size": None,
+    "sw_batch_size": 4,
+    "overlap": 0.5,
+    "mode": "gaussian",
+    "sw_device": None,  # where the windows run (None: where the image is)
+    "device": None,  # where the whole-volume output is stitched (None: where the image is; "cpu" saves GPU memory)
+}
+DEFAULT_METRICS = {"hd95": True, "surface_dice_tolerance": None}
+# Scheduler arguments that take the schedule's length; "auto" fills in the run's epochs or optimiser steps.
+LENGTH_KEYS = ("T_max", "total_iters", "t_total")
 
 
 class SegModule(L.LightningModule):
-    """Binary 3D segmentation: sigmoid outputs, Dice loss, Dice metric on ``sigmoid > threshold``.
+    """3D segmentation, binary (one output channel, sigmoid) or multi-class (one channel per label, softmax).
 
-    The network, loss and optimiser are given as configs (``_target_`` plus arguments, as in ``conf/``), so they
-    are saved with the checkpoint and ``SegModule.load_from_checkpoint(path)`` needs nothing else.
+    The task follows the network's ``out_channels``: 1 is the reference binary setup (sigmoid, Dice on
+    ``sigmoid > threshold``); more is multi-class (softmax over one-hot targets, Dice on the argmax). The loss
+    config is adapted to match (``sigmoid`` or ``softmax`` + ``to_onehot_y`` for MONAI's Dice-family losses), so
+    one ``conf/loss`` option serves both. Everything is given as configs (``_target_`` plus arguments, as in
+    ``conf/``) and saved with the checkpoint, so ``SegModule.load_from_checkpoint(path)`` needs nothing else.
 
     Args:
-        net: config of any ``monai.networks.nets`` class (or other ``nn.Module``).
+        net: config of any ``monai.networks.nets`` class (or other ``nn.Module``), plus the optional switches
+            ``compile``, ``channels_last``, ``checkpointing`` (see ``seglight.networks``).
         loss: config of the loss, called as ``loss(logits, target)``.
         optimizer: partial config of a ``torch.optim`` optimiser, completed with the parameters.
-        scheduler: optional partial config of an LR scheduler, completed with the optimiser.
-        threshold: probability above which a voxel is foreground for the metric and predictions.
+        scheduler: optional partial config of an LR scheduler, completed with the optimiser; ``interval``
+            (``epoch`` or ``step``) says how often it steps, ``auto`` lengths become the run's length.
+        threshold: probability above which a voxel is foreground (binary task).
+        label_names: label value -> name (background 0 included), for per-class metric names.
+        inference: how whole volumes are segmented in validation (see ``DEFAULT_INFERENCE``).
+        metrics: ``hd95`` (bool) and ``surface_dice_tolerance`` (mm, or None) besides Dice.
     """
 
     def __init__(
@@ -47,51 +77,182 @@ class SegModule(L.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         threshold: float = 0.5,
+        label_names: Mapping[int, str] | None = None,
+        inference: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        net = _plain(net if net is not None else DEFAULT_NET)
+        out_channels = net.get("out_channels", 1)
+        if out_channels == AUTO:
+            raise ConfigError(_AUTO_MESSAGE.format(key="out_channels"))
+        softmax = int(out_channels) > 1
         self.save_hyperparameters(
             {
-                "net": _plain(net if net is not None else DEFAULT_NET),
-                "loss": _plain(loss if loss is not None else DEFAULT_LOSS),
+                "net": net,
+                "loss": loss_for_task(_plain(loss if loss is not None else DEFAULT_LOSS), softmax),
                 "optimizer": _plain(optimizer if optimizer is not None else DEFAULT_OPTIMIZER),
                 "scheduler": _plain(scheduler),
                 "threshold": float(threshold),
+                "label_names": {int(k): str(v) for k, v in (label_names or {}).items()},
+                "inference": {**DEFAULT_INFERENCE, **(_plain(inference) or {})},
+                "metrics": {**DEFAULT_METRICS, **(_plain(metrics) or {})},
             }
         )
+        self.softmax = softmax
+        # Classes including background; the binary task has two (background and foreground).
+        self.num_classes = int(out_channels) if softmax else 2
         self.net = build_network(self.hparams.net)
+        self.channels_last = bool(split_options(self.hparams.net)[1].get("channels_last"))
         self.loss_fn = instantiate(self.hparams.loss)
         self.dice = DiceMetric(include_background=False, reduction="mean")
+        self.hd95 = HD95Metric() if self.hparams.metrics["hd95"] else None
+        tolerance = self.hparams.metrics["surface_dice_tolerance"]
+        self.nsd = (
+            SurfaceDiceMetric([float(tolerance)] * (self.num_classes - 1), include_background=False)
+            if tolerance is not None
+            else None
+        )
+        self._warned: set[str] = set()
 
     @property
     def num_parameters(self) -> int:
         """Trainable parameters of the network."""
         return sum(p.numel() for p in self.net.parameters() if p.requires_grad)
 
+    @property
+    def class_names(self) -> list[str]:
+        """Metric names of the foreground classes 1..C-1: the dataset's label names, made tag-safe."""
+        names = self.hparams.label_names
+        return [_tag(names.get(c, f"class{c}")) for c in range(1, self.num_classes)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, MetaTensor):
+            x = x.as_tensor()  # the network needs no metadata, and plain tensors are faster (and compile)
+        if self.channels_last and x.ndim == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         return self.net(x)
+
+    def infer(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits for whole volumes: one forward pass, or sliding windows when ``inference.roi_size`` is set."""
+        settings = self.hparams.inference
+        if not settings.get("roi_size"):
+            return self(image)
+        if isinstance(image, MetaTensor):
+            image = image.as_tensor()
+        return sliding_window_inference(
+            image,
+            roi_size=list(settings["roi_size"]),
+            sw_batch_size=int(settings["sw_batch_size"]),
+            predictor=self,
+            overlap=float(settings["overlap"]),
+            mode=settings["mode"],
+            sw_device=settings.get("sw_device") or image.device,
+            device=settings.get("device") or image.device,
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         image, label = batch["image"], batch["label"]
+        if self.current_epoch == 0:  # every case passes once; later epochs see the same label values
+            self.check_label_values(label, batch)
         loss = self.loss_fn(self(image), label)
         self.log("Loss/train", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         image, label = batch["image"], batch["label"]
-        logits = self(image)
+        self.check_label_values(label, batch)
+        logits = self.infer(image)
+        label = label.to(logits.device)  # the stitched output may live on the CPU
         self.log(
             "Loss/val", self.loss_fn(logits, label), on_step=False, on_epoch=True, batch_size=image.shape[0]
         )
-        self.dice(self.binarize(logits), label)
+        prediction, target = self.binarize(logits), self.one_hot(label)
+        self.dice(prediction, target)
+        if self.hd95 is not None or self.nsd is not None:
+            spacing = image_spacing(image)  # mm, from the affine after the deterministic transforms
+            prediction, target = prediction.cpu(), target.cpu()
+            if self.hd95 is not None:
+                self.hd95(prediction, target, spacing=spacing)
+            if self.nsd is not None:
+                self.nsd(prediction, target, spacing=spacing)
 
     def on_validation_epoch_end(self) -> None:
-        dice = self.dice.aggregate().item()
+        dice, per_class = per_class_means(self._gathered(self.dice))
         self.dice.reset()
-        self.log("Dice/val", dice, prog_bar=True, sync_dist=True)
+        # As MONAI's DiceMetric reports it: 0 when no validation case has any foreground.
+        self.log("Dice/val", dice if dice is not None else 0.0, prog_bar=True)
+        self._log_per_class("Dice/val", per_class)
+        for name, metric in (("HD95/val", self.hd95), ("NSD/val", self.nsd)):
+            if metric is None:
+                continue
+            mean, per_class = per_class_means(self._gathered(metric))
+            metric.reset()
+            if mean is None:
+                self._warn_once(name, f"{name} not logged: no validation case has any foreground to measure")
+            else:
+                self.log(name, mean)
+            self._log_per_class(name, per_class)
+
+    def _log_per_class(self, name: str, values: list[float | None]) -> None:
+        for class_name, value in zip(self.class_names, values, strict=False):
+            if value is None:
+                self._warn_once(
+                    f"{name}/{class_name}",
+                    f"{name}/{class_name} not logged: no validation case has '{class_name}' to measure it on",
+                )
+            else:
+                self.log(f"{name}/{class_name}", value)
+
+    def _gathered(self, metric: Any) -> torch.Tensor | None:
+        """The metric's per-case values from every process, so all ranks log the same numbers."""
+        buffer = metric.get_buffer()
+        if not isinstance(buffer, torch.Tensor) or buffer.numel() == 0:
+            return None
+        if self.trainer.world_size > 1:
+            buffer = self.all_gather(buffer.to(self.device)).reshape(-1, buffer.shape[-1])
+        return buffer
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            self._warned.add(key)
+            log.warning(message)
+
+    # -- predictions --------------------------------------------------------------------------------------------
 
     def binarize(self, logits: torch.Tensor) -> torch.Tensor:
-        """Foreground mask from logits: ``sigmoid(logits) > threshold``."""
+        """Masks from logits: ``sigmoid > threshold`` (binary) or the one-hot argmax (multi-class)."""
+        if self.softmax:
+            return one_hot(logits.argmax(1, keepdim=True), self.num_classes, dim=1)
         return (torch.sigmoid(logits.float()) > self.hparams.threshold).float()
+
+    def one_hot(self, label: torch.Tensor) -> torch.Tensor:
+        """A label map ``(B, 1, ...)`` in the layout of ``binarize``'s output."""
+        if self.softmax:
+            return one_hot(label.long(), self.num_classes, dim=1)
+        return label.float()
+
+    def labels_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The label map ``(B, 1, ...)`` of label values (0 background) that the logits predict."""
+        if self.softmax:
+            return logits.argmax(1, keepdim=True).to(torch.uint8)
+        return (torch.sigmoid(logits.float()) > self.hparams.threshold).to(torch.uint8)
+
+    def check_label_values(self, label: torch.Tensor, batch: Mapping[str, Any]) -> None:
+        """DataError naming the case when a label map holds a value the network has no output for."""
+        top = int(label.max())
+        if top < self.num_classes and int(label.min()) >= 0:
+            return
+        per_case = label.flatten(1).amax(1).tolist()
+        ids = batch.get("case_id") or [f"batch item {i}" for i in range(len(per_case))]
+        case = next((c for c, v in zip(ids, per_case, strict=False) if v >= self.num_classes), ids[0])
+        expected = "0 or 1 (binary)" if not self.softmax else f"0..{self.num_classes - 1}"
+        raise DataError(
+            f"{case}: the label map holds value {top}, but the model expects {expected}; check the dataset's "
+            'labels (dataset.json "labels") and model.out_channels'
+        )
+
+    # -- optimisation -------------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
@@ -99,21 +260,92 @@ class SegModule(L.LightningModule):
             return optimizer
         scheduler_cfg = dict(self.hparams.scheduler)
         interval = scheduler_cfg.pop("interval", "epoch")
+        warmup_fraction = scheduler_cfg.pop("warmup_fraction", None)
+        if warmup_fraction is not None or AUTO in (scheduler_cfg.get(k) for k in LENGTH_KEYS):
+            length = self.schedule_length(interval)
+            for key in LENGTH_KEYS:
+                if scheduler_cfg.get(key) == AUTO:
+                    scheduler_cfg[key] = length
+            if warmup_fraction is not None:
+                scheduler_cfg["warmup_steps"] = round(float(warmup_fraction) * length)
         scheduler = instantiate(scheduler_cfg)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def schedule_length(self, interval: str) -> int:
+        """How many times the scheduler will step: the run's optimiser steps or epochs."""
+        trainer = self._trainer
+        if trainer is None:
+            raise ConfigError(
+                "scheduler: an 'auto' length needs the Trainer (attach the module before asking)"
+            )
+        if interval == "step":
+            steps = trainer.estimated_stepping_batches
+            if steps in (None, float("inf")):
+                raise ConfigError("scheduler: 'auto' length needs trainer.max_epochs or trainer.max_steps")
+            return int(steps)
+        if trainer.max_epochs in (None, -1):
+            raise ConfigError("scheduler: 'auto' length needs trainer.max_epochs")
+        return int(trainer.max_epochs)
+
+    # -- prediction ---------------------------------------------------------------------------------------------
+
+    def predict_volume(self, image: Any, data: Any = None, **options: Any) -> Any:
+        """Segment one NIfTI file; returns the mask as a nibabel image with the scan's shape and affine.
+
+        ``data`` is the preprocessing the module was trained with: the SegDataModule, its settings or the
+        checkpoint file (default: the trainer's data module). ``options`` go to ``seglight.inference.Predictor``
+        (``roi``, ``overlap``, ``tta``, ``device``...).
+        """
+        from seglight.inference import predict_volume  # inference builds on this module
+
+        return predict_volume(self, image, data=data, **options)
+
+
+_AUTO_MESSAGE = (
+    "model.{key}=auto is filled in from the data: build the module with seglight.build(cfg) (or "
+    "seglight.builder.build_module(cfg, datamodule)), or give a number"
+)
 
 
 def build_network(config: Mapping[str, Any]) -> nn.Module:
     """Instantiate a network config, turning a wrong ``_target_`` or argument into a ConfigError."""
     target = config.get("_target_", "<no _target_>") if isinstance(config, Mapping) else config
+    arguments, options = split_options(config)
+    unresolved = [key for key, value in arguments.items() if isinstance(value, str) and value == AUTO]
+    if unresolved:
+        raise ConfigError(_AUTO_MESSAGE.format(key=unresolved[0]))
+    hydra_args, direct_args = network_arguments(arguments, options)
     try:
-        net = instantiate(config)
+        net = instantiate(hydra_args, _partial_=True)(**direct_args)
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise ConfigError(f"model: cannot build {target}: {cause}") from exc
     if not isinstance(net, nn.Module):
         raise ConfigError(f"model: {target} is not a torch.nn.Module")
-    return net
+    return apply_options(net, arguments, options)
+
+
+def loss_for_task(loss: Mapping[str, Any], softmax: bool) -> dict[str, Any]:
+    """The loss config with the activation the task needs (MONAI Dice-family losses; others are left alone).
+
+    Binary: ``sigmoid`` on the single output channel. Multi-class: ``softmax`` over the channels and
+    ``to_onehot_y`` so that a label map of values 0..C-1 is the target.
+    """
+    cfg = dict(loss)
+    if not ({"sigmoid", "softmax"} & set(cfg)):
+        return cfg
+    for key in ("sigmoid", "softmax", "to_onehot_y"):
+        cfg.pop(key, None)
+    if softmax:
+        cfg.update(softmax=True, to_onehot_y=True)
+    else:
+        cfg.update(sigmoid=True)
+    return cfg
+
+
+def _tag(name: str) -> str:
+    """A label name as one TensorBoard tag level: no slashes, no spaces."""
+    return re.sub(r"[\s/]+", "_", name.strip()) or "unnamed"
 
 
 def _plain(value: Any) -> Any:
