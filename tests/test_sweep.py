@@ -1,0 +1,100 @@
+"""Sweeps: every combination in its own folder, summary.csv best first, and a failed run does not stop the rest."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seglight.sweep import collect_rows, format_table
+from tests.conftest import run_cli, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_overrides(sweep_dir: Path, *drop: str) -> list[str]:
+    """The tiny overrides for a multirun: one epoch each, all jobs under ``sweep_dir``."""
+    keep = [
+        o
+        for o in tiny_overrides(sweep_dir)
+        if not o.startswith(("hydra.run.dir", "trainer.max_epochs", *drop))
+    ]
+    return [*keep, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep_dir}"]
+
+
+def read_summary(sweep_dir: Path) -> list[dict[str, str]]:
+    with open(sweep_dir / "summary.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def chosen(row: dict[str, str], key: str) -> str:
+    """The value a run's overrides give ``key``."""
+    return dict(o.split("=", 1) for o in row["overrides"].split())[key]
+
+
+def test_grid_sweep_writes_summary_csv_best_first(tmp_path: Path, cache_dir: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    # The issue's grid. model.init_filters is a SegResNet option, so both networks keep their defaults; 7 cases
+    # leave 6 for training, so no batch has a single case (UNet's BatchNorm at a 1x1x1 bottleneck needs two).
+    result = run_cli(
+        "seglight.train",
+        "-m",
+        "model=segresnet,unet",
+        "optimizer.lr=1e-3,1e-4",
+        *sweep_overrides(sweep_dir, "model.init_filters", "data.demo.num_cases"),
+        "data.demo.num_cases=7",
+        cache=cache_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_summary(sweep_dir)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
+    combos = {(chosen(r, "model"), float(chosen(r, "optimizer.lr"))) for r in rows}
+    assert combos == {(m, lr) for m in ("segresnet", "unet") for lr in (1e-3, 1e-4)}
+    dice = [float(r["best_dice"]) for r in rows]
+    assert dice == sorted(dice, reverse=True) and all(0.0 <= d <= 1.0 for d in dice)
+    assert all(r["best_epoch"] == "0" and float(r["wall_time_s"]) > 0 for r in rows)
+    job_dirs = {Path(r["output_dir"]) for r in rows}
+    assert len(job_dirs) == 4 and all(
+        d.parent == sweep_dir and (d / "checkpoints" / "last.ckpt").is_file() for d in job_dirs
+    )
+    # Printed as a table, best first; the overrides all runs share are listed once.
+    table = result.stdout[result.stdout.index("Sweep summary") :]
+    assert table.index(f"{dice[0]:.4f}") < table.index(f"{dice[-1]:.4f}") and "(all runs:" in table
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path, cache_dir: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    # A negative learning rate is impossible: Adam refuses it when the run builds its optimizer.
+    result = run_cli(
+        "seglight.train", "-m", "optimizer.lr=-1,1e-3", *sweep_overrides(sweep_dir), cache=cache_dir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "job 0 failed, the sweep goes on" in result.stderr and "Invalid learning rate" in result.stderr
+    rows = read_summary(sweep_dir)
+    assert [r["status"] for r in rows] == ["completed", "failed"]  # best first, failures last
+    assert float(chosen(rows[0], "optimizer.lr")) == 1e-3 and rows[0]["best_dice"]
+    assert float(chosen(rows[1], "optimizer.lr")) == -1 and "Invalid learning rate" in rows[1]["error"]
+    assert rows[1]["best_dice"] == "" and float(rows[1]["wall_time_s"]) >= 0
+    # The same rows, read back from the job folders, make the same table.
+    assert "failed" in format_table(collect_rows(sweep_dir))
+
+
+def test_optuna_search_maximises_dice_over_lr_and_loss(tmp_path: Path, cache_dir: Path) -> None:
+    sweep_dir = tmp_path / "optuna"
+    result = run_cli(
+        "seglight.train",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        *sweep_overrides(sweep_dir),
+        cache=cache_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_summary(sweep_dir)
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
+    for row in rows:  # each trial drew a learning rate and a loss from the search space
+        assert 1e-5 <= float(chosen(row, "optimizer.lr")) <= 1e-2
+        assert chosen(row, "loss") in {"dice", "dicece", "dicefocal"}
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(float(r["best_dice"]) for r in rows))
