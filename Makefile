@@ -9,7 +9,7 @@ TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
 
-.PHONY: help setup train test lint format bench clean
+.PHONY: help setup setup-dev train test lint format bench clean
 
 help:
 	@echo "make train   set up .venv and train SegResNet on the built-in demo data (ARGS='key=value ...')"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench   run the benchmarks in benchmarks/"
 
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 # torch first, chosen for this machine: a torch already in the venv is left alone; with an NVIDIA GPU,
 # PyPI's default (CUDA) build; otherwise the CPU build, so no multi-GB CUDA download lands on a CPU-only box.
@@ -32,20 +33,25 @@ $(VENV)/.installed: pyproject.toml
 		echo "seglight: no NVIDIA GPU found: installing PyTorch's CPU build (torch==$(TORCH_CPU_VERSION))"; \
 		$(PY) -m pip install "torch==$(TORCH_CPU_VERSION)" --extra-index-url "$(TORCH_CPU_INDEX)"; \
 	fi
+	$(PY) -m pip install -e .
+	touch $@
+
+# The test tools (pytest, ruff, moto, nbclient, ...) only where tests or lint run.
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
 train: setup
 	$(PY) -m seglight.train experiment=demo $(ARGS)
 
-test: setup
+test: setup-dev
 	$(PY) -m pytest $(ARGS)
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: setup
+format: setup-dev
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 

@@ -8,15 +8,17 @@ __version__ = "0.1.0"
 __all__ = ["SegDataModule", "SegModule", "build", "compose"]
 
 if TYPE_CHECKING:
-    from seglight.build import build, compose
+    from seglight.builder import build, compose
     from seglight.data import SegDataModule
     from seglight.module import SegModule
 
+# The functions live in seglight.builder, not seglight.build: a submodule named `build` would replace the
+# function `seglight.build` as soon as anything imported it.
 _LAZY = {
     "SegModule": "seglight.module",
     "SegDataModule": "seglight.data",
-    "build": "seglight.build",
-    "compose": "seglight.build",
+    "build": "seglight.builder",
+    "compose": "seglight.builder",
 }
 
 

@@ -3,34 +3,53 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from seglight.build import build, check_checkpoint_path
+from seglight.builder import build
+from seglight.checkpointing import checkpoint_dir, resolve_checkpoint
 from seglight.errors import reported_errors
-from seglight.report import describe_model, write_summary
+from seglight.evaluate import evaluate_after_training
+from seglight.report import describe_model, write_run_info, write_summary
+from seglight.sweep import run_job
 
 log = logging.getLogger("seglight")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured model on the configured data; returns the run summary (best Dice, checkpoints)."""
+    started = time.monotonic()
     L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = check_checkpoint_path(cfg.get("ckpt_path"))
     datamodule, module, trainer = build(cfg)
+    ckpt_path = resolve_checkpoint(
+        cfg.get("ckpt_path"), cfg.get("resume", False), checkpoint_dir(trainer), module
+    )
+    if trainer.is_global_zero:
+        write_run_info(cfg, cfg.paths.output_dir, resumed_from=ckpt_path)
     log.info(describe_model(module))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return write_summary(trainer, cfg.paths.output_dir)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        # SIGTERM or Ctrl-C: seglight.callbacks.Preemption saved last.ckpt and set the exit status (143/130).
+        write_summary(trainer, cfg.paths.output_dir, "interrupted", time.monotonic() - started)
+        raise
+    # Steps after fitting (e.g. evaluation on a test split) belong here, before the summary that reports them.
+    if cfg.get("test"):
+        # Predict the held-out cases with the best checkpoint and score them into <run>/test/.
+        evaluate_after_training(trainer, datamodule, cfg.paths.output_dir)
+    return write_summary(trainer, cfg.paths.output_dir, "completed", time.monotonic() - started)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    """Command-line entry point."""
+def main(cfg: DictConfig) -> float | None:
+    """Command-line entry point; returns the best Dice/val, the objective of sweepers such as Optuna."""
     with reported_errors("seglight.train"):
-        train(cfg)
+        return run_job(train, cfg).get("best_dice")
 
 
 if __name__ == "__main__":

@@ -83,3 +83,41 @@ def make_msd_dataset(root: Path, num_cases: int = 4, shape=(20, 20, 12), label_k
         json.dumps({"name": "tiny", "labels": {"0": "background", "1": "cube"}, "training": training})
     )
     return root
+
+
+# --- issue 5 helpers ---
+def tiny_config(run_dir: Path, *overrides: str):
+    """The tiny run's config composed in-process (as ``seglight.compose`` does in a notebook), writing to ``run_dir``."""
+    from seglight import compose
+
+    base = [o for o in tiny_overrides(run_dir) if not o.startswith("hydra.")]
+    return compose([*base, *overrides], output_dir=run_dir)
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar curve of a run folder's TensorBoard events (all event files), as (step, value) lists."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def train_in_process(overrides: list[str], run_dir: Path) -> int:
+    """Do what ``python -m seglight.train overrides`` does, in this process; returns the exit status.
+
+    Errors are reported as the entry point reports them (one ``seglight.train: error: ...`` line on stderr,
+    status 2), without paying a subprocess's start-up: read the message with pytest's ``capsys``.
+    """
+    from seglight.builder import compose
+    from seglight.errors import reported_errors
+    from seglight.train import train
+
+    quiet = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false"]
+    cfg = compose([*overrides, *quiet], output_dir=run_dir)
+    try:
+        with reported_errors("seglight.train"):
+            train(cfg)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
