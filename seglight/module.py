@@ -155,7 +155,7 @@ class SegModule(L.LightningModule):
         image, label = batch["image"], batch["label"]
         if self.current_epoch == 0:  # every case passes once; later epochs see the same label values
             self.check_label_values(label, batch)
-        loss = self.loss_fn(self(image), label)
+        loss = self.loss_fn(self(image), as_float_label(label))
         self.log("Loss/train", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss
 
@@ -163,7 +163,7 @@ class SegModule(L.LightningModule):
         image, label = batch["image"], batch["label"]
         self.check_label_values(label, batch)
         logits = self.infer(image)
-        label = label.to(logits.device)  # the stitched output may live on the CPU
+        label = as_float_label(label.to(logits.device))  # the stitched output may live on the CPU
         self.log(
             "Loss/val", self.loss_fn(logits, label), on_step=False, on_epoch=True, batch_size=image.shape[0]
         )
@@ -305,6 +305,12 @@ _AUTO_MESSAGE = (
     "model.{key}=auto is filled in from the data: build the module with seglight.build(cfg) (or "
     "seglight.builder.build_module(cfg, datamodule)), or give a number"
 )
+
+
+def as_float_label(label: torch.Tensor) -> torch.Tensor:
+    """A label map as float32 for the loss and metrics. The loaders serve label maps as uint8 (a quarter of the
+    bytes to copy and move); the cast runs where the batch already is, on the GPU after the transfer."""
+    return label if label.is_floating_point() else label.float()
 
 
 def build_network(config: Mapping[str, Any]) -> nn.Module:

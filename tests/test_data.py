@@ -87,12 +87,41 @@ def test_datamodule_batches_split_and_nearest_label_resize(tmp_path: Path) -> No
     assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
     # Nearest-neighbour resizing keeps the label binary (trilinear would create fractions).
     assert set(torch.unique(batch["label"]).tolist()) == {0.0, 1.0}
+    # Label maps travel as uint8 (a quarter of the bytes to cache, flip and collate); images stay float32.
+    assert batch["image"].dtype == torch.float32 and batch["label"].dtype == torch.uint8
     val = next(iter(dm.val_dataloader()))
-    assert val["image"].shape[0] == 1
+    assert val["image"].shape[0] == 1 and val["label"].dtype == torch.uint8
     # A second data module with the same split file reuses the saved split, even with another seed.
     again = make_module(root, tmp_path, split_seed=99)
     again.setup("fit")
     assert [c["case_id"] for c in again.val_cases] == split["val"]
+
+
+def test_compact_labels_keep_values_uint8_cannot_hold() -> None:
+    from seglight.data.transforms import CompactLabeld
+
+    compact = CompactLabeld(keys="label")
+    assert compact({"label": torch.tensor([[0.0, 1.0, 255.0]])})["label"].dtype == torch.uint8
+    for odd in ([0.0, 0.5], [-1.0, 1.0], [0.0, 256.0]):  # stay float32, so the checks see the real values
+        label = compact({"label": torch.tensor([odd])})["label"]
+        assert label.dtype == torch.float32 and label.tolist() == [odd]
+
+
+def test_random_flip_fast_path_matches_monai() -> None:
+    from monai import transforms as mt
+
+    from seglight.data.transforms import RandFlipd
+
+    image, label = torch.rand(1, 6, 5, 4), (torch.rand(1, 6, 5, 4) > 0.5).to(torch.uint8)
+    ours = RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0).set_random_state(3)
+    monai = mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0).set_random_state(3)
+    flips = set()
+    for _ in range(20):
+        got, want = ours({"image": image, "label": label}), monai({"image": image, "label": label})
+        for key in ("image", "label"):
+            assert type(got[key]) is torch.Tensor and torch.equal(got[key], want[key].as_tensor())
+        flips.add(not torch.equal(got["image"], image))
+    assert flips == {True, False}
 
 
 def test_custom_label_key_and_inline_datalist(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import torch
 from monai import transforms as mt
+from monai.transforms.utils import map_spatial_axes
 
 from seglight.errors import DataError
 
@@ -71,7 +73,33 @@ def deterministic_transforms(
         mt.ScaleIntensityRanged(keys=image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)
     )
     steps.append(mt.EnsureTyped(keys=keys, dtype="float32", track_meta=True))
+    if label_key:
+        steps.append(CompactLabeld(keys=label_key))
     return steps
+
+
+class CompactLabeld(mt.MapTransform):
+    """Label maps of whole numbers 0..255 as uint8: a quarter of float32's bytes to cache, flip, collate and move.
+
+    Consumers cast them to float where they need to (``SegModule`` does in its steps). A label with other
+    values (fractions, negatives, above 255) stays float32, so the checks report its values as they are.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            if isinstance(label, torch.Tensor) and label.is_floating_point() and _fits_uint8(label):
+                d[key] = label.to(torch.uint8)
+        return d
+
+
+def _fits_uint8(label: torch.Tensor) -> bool:
+    """Whether every value of ``label`` is a whole number 0..255 (an empty label trivially is)."""
+    if label.numel() == 0:
+        return True
+    values = label.as_tensor() if hasattr(label, "as_tensor") else label
+    return bool(values.min() >= 0) and bool(values.max() <= 255) and bool((values == values.round()).all())
 
 
 def random_transforms(
@@ -124,8 +152,29 @@ def random_transforms(
                     image_threshold=0.0,
                 )
             )
-    steps.append(mt.RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0))
+    steps.append(RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0))
     return steps
+
+
+class RandFlipd(mt.RandFlipd):
+    """MONAI's ``RandFlipd``, with a fast path for plain tensors (what the training caches serve).
+
+    Same random draw and same flipped arrays; plain tensors skip wrapping each one in a MetaTensor and recording
+    the flip in it, which costs twice the flip itself and is thrown away (training items carry no metadata).
+    MetaTensors, lazy execution and other inputs take MONAI's own path, so inversion works where it can.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        plain = all(type(d[key]) is torch.Tensor for key in keys)
+        if not plain or (self.lazy if lazy is None else lazy):
+            return super().__call__(data, lazy=lazy)
+        self.randomize(None)
+        if self._do_transform:
+            for key in keys:
+                d[key] = torch.flip(d[key], map_spatial_axes(d[key].ndim, self.flipper.spatial_axis))
+        return d
 
 
 def oriented_geometry(path: str, orientation: str | None = "RAS") -> tuple[list[int], list[float]]:
