@@ -146,13 +146,3 @@ def fall_back_to_cpu(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
         log.warning("16-bit mixed precision needs a GPU: training on the CPU at 32-bit precision instead.")
         cfg["precision"] = "32"
     return cfg
-
-
-def check_checkpoint_path(ckpt_path: str | None) -> str | None:
-    """``ckpt_path`` if it names an existing file, else a ConfigError that says so."""
-    if ckpt_path in (None, ""):
-        return None
-    path = Path(str(ckpt_path)).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    return str(path)

@@ -123,28 +123,6 @@ def case_files(case: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
     return files
 
 
-def check_readable(path: str, name: str | None = None) -> None:
-    """Raise DataError unless ``path`` exists and has a NIfTI header nibabel can read (data is not read)."""
-    _, problem = _open(path)
-    if problem:
-        raise DataError(f"{name or path}: {problem}")
-
-
-def check_cases_readable(
-    cases: Sequence[Mapping[str, Any]], keys: Sequence[str] = ("image", "label")
-) -> None:
-    """Every listed file exists and opens as NIfTI; reports all bad files at once."""
-    problems = []
-    for path in case_files_of_all(cases, keys):
-        _, problem = _open(path)
-        if problem:
-            problems.append(f"{path}: {problem}")
-    if len(problems) == 1:
-        raise DataError(problems[0])
-    if problems:
-        raise DataError(f"{len(problems)} dataset files cannot be used:\n  " + "\n  ".join(problems))
-
-
 def check_gzip_intact(case: Mapping[str, Any], keys: Sequence[str] = ("image", "label")) -> None:
     """Raise DataError unless every ``.gz`` file of ``case`` decompresses to its end with a valid checksum.
 
@@ -162,11 +140,6 @@ def check_gzip_intact(case: Mapping[str, Any], keys: Sequence[str] = ("image", "
                 f"{path}: not a readable NIfTI image (truncated or corrupt gzip data: {type(exc).__name__}: "
                 f"{_first_line(exc)})"
             ) from None
-
-
-def case_files_of_all(cases: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[str]:
-    """Every file of every case, in order."""
-    return [path for case in cases for path in case_files(case, keys)]
 
 
 def inspect_cases(
