@@ -60,6 +60,22 @@ def run_cli(module: str, *args: str, cache: Path, timeout: int = 300) -> subproc
     )
 
 
+def train_on(root: Path, run_dir: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``python -m seglight.train`` for one tiny epoch on the MSD dataset at ``root``."""
+    return run_cli(
+        "seglight.train",
+        "data=msd",
+        f"data.root={root}",
+        "data.spatial_size=[16,16,8]",
+        "data.num_workers=0",
+        "model.init_filters=8",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+        cache=cache,
+    )
+
+
 def write_nifti(path: Path, data: np.ndarray, spacing=(1.0, 1.0, 2.0)) -> Path:
     """Save ``data`` as a real NIfTI file with a simple anisotropic affine."""
     path.parent.mkdir(parents=True, exist_ok=True)

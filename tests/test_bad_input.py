@@ -7,24 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_msd_dataset, run_cli
+from tests.conftest import make_msd_dataset, run_cli, train_on
 
 pytestmark = pytest.mark.slow
-
-
-def train_on(root: Path, run_dir: Path, cache: Path, *extra: str):
-    return run_cli(
-        "seglight.train",
-        "data=msd",
-        f"data.root={root}",
-        "data.spatial_size=[16,16,8]",
-        "data.num_workers=0",
-        "model.init_filters=8",
-        "trainer.max_epochs=1",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-        cache=cache,
-    )
 
 
 def assert_clean_failure(result, *needles: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from seglight import SegDataModule
 from seglight.errors import DataError
-from tests.conftest import make_msd_dataset, run_cli, write_nifti
+from tests.conftest import make_msd_dataset, run_cli, train_on, write_nifti
 
 
 def datamodule(root: Path, tmp_path: Path, **kwargs) -> SegDataModule:
@@ -241,17 +241,7 @@ def test_check_cli_exit_status_and_output(tmp_path: Path, cache_dir: Path) -> No
 def test_training_cli_refuses_with_the_same_message(tmp_path: Path, cache_dir: Path) -> None:
     root = make_msd_dataset(tmp_path / "ds", num_cases=3)
     bad = affine_mismatch(root)
-    result = run_cli(
-        "seglight.train",
-        "data=msd",
-        f"data.root={root}",
-        "data.spatial_size=[16,16,8]",
-        "data.num_workers=0",
-        "model.init_filters=8",
-        "trainer.max_epochs=1",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cache=cache_dir,
-    )
+    result = train_on(root, tmp_path / "run", cache_dir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"seglight.train: error: {bad}: affine differs" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
