@@ -8,7 +8,8 @@ Run on your own machine, from the repository (never in the container):
     python sagemaker/launch.py ... --epochs 20            # same --run: continues the run from its checkpoints
     python sagemaker/launch.py ... --set data.spatial_size=[96,96,64] --set loss=dicece   # any seglight option
 
-Needs the SageMaker Python SDK (``pip install sagemaker``) and AWS credentials. Nothing here runs in tests.
+Needs the SageMaker Python SDK v2 (``pip install "sagemaker>=2.200,<3"``: v3 has no estimators) and AWS
+credentials. Nothing here runs in tests.
 
 How seglight gets into the container: SageMaker's PyTorch container pip-installs the ``requirements.txt`` of
 the ``source_dir`` before it runs the entry point. ``--prepare`` builds seglight's wheel from this checkout
@@ -38,6 +39,8 @@ LAB_HYPERPARAMETERS = {
     "val_interval": 2,
 }
 FRAMEWORK_VERSION, PY_VERSION = "2.4.0", "py311"
+# The SDK accepts torch_distributed (torchrun) with the 2.5.1 training container, not with 2.4.0.
+DISTRIBUTED_FRAMEWORK_VERSION = "2.5.1"
 INSTANCE_TYPES = {1: "ml.g5.xlarge", 4: "ml.g5.12xlarge", 8: "ml.g5.48xlarge"}
 
 
@@ -75,7 +78,7 @@ def estimator(
         entry_point="train.py",
         source_dir=str(SOURCE_DIR),
         role=role,
-        framework_version=FRAMEWORK_VERSION,
+        framework_version=DISTRIBUTED_FRAMEWORK_VERSION if gpus > 1 else FRAMEWORK_VERSION,
         py_version=PY_VERSION,
         instance_type=instance_type or INSTANCE_TYPES[gpus],
         instance_count=1,

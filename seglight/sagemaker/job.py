@@ -84,16 +84,23 @@ def job_overrides(
         if isinstance(value, str) and training is not None and (training / value).is_file():
             hp.options[key] = str(training / value)
     settings: dict[str, Any] = dict(hp.groups)
-    deletions: list[str] = []
     model_target = None
     if "model_name" in hp.lab:
         choice = choose_model(hp.lab["model_name"], group_options("model"), monai.networks.nets)
         if choice.option is not None:
             settings["model"] = choice.option
         model_target = choice.target
-    base = _compose([override(k, v) for k, v in settings.items()])
-    tree = OmegaConf.to_container(base, resolve=False)
+    settings.update(data_settings(env, hp))
+    settings.update(cluster_settings(env, hp, environ))
+    # The config these group choices make: which option names exist.
+    tree = OmegaConf.to_container(
+        _compose([override(k, v) for k, v in settings.items() if k in groups]), resolve=False
+    )
     known = config_keys(tree)
+    for key in settings:
+        if key not in groups and key not in known:
+            raise ConfigError(f"{key}: this seglight has no such option, which the job's channels need")
+    deletions: list[str] = []
     adds: set[str] = set()
     if model_target is not None:
         added, deletions = _generic_model(model_target, tree["model"], hp.options)
@@ -103,8 +110,6 @@ def job_overrides(
     unknown = [n for n in hp.options if n not in known and n not in adds and not n.startswith("+")]
     check_names(unknown, tree, groups)
 
-    settings.update(data_settings(env, hp, known))
-    settings.update(cluster_settings(env, hp, environ))
     settings.update(output_settings(env, tree, known))
     settings.update(lab_settings(hp.lab))
     for name, value in hp.options.items():
@@ -117,7 +122,7 @@ def job_overrides(
     return overrides
 
 
-def data_settings(env: SageMakerEnvironment, hp: Hyperparameters, known: set[str]) -> dict[str, Any]:
+def data_settings(env: SageMakerEnvironment, hp: Hyperparameters) -> dict[str, Any]:
     """Data options for what the ``training`` (and ``validation``) channel holds."""
     options = hp.options
     training = env.channels.get("training")
@@ -145,10 +150,6 @@ def data_settings(env: SageMakerEnvironment, hp: Hyperparameters, known: set[str
                 f"{found.layout}: give both in the same layout"
             )
         key = "data.val_datalist" if found_val.layout == "datalist" else "data.val_root"
-        if key not in known:
-            raise ConfigError(
-                f"validation channel {validation}: this seglight has no {key} option to read it"
-            )
         settings[key] = str(found_val.path)
     return settings
 
@@ -208,9 +209,14 @@ def output_settings(env: SageMakerEnvironment, tree: Mapping[str, Any], known: s
 
 
 def config_groups() -> list[str]:
-    """seglight's config groups (``data``, ``model``, ``trainer``...): the folders of its config package."""
+    """The config groups a job may choose (``data``, ``model``, ``trainer``...): folders of the config package.
+
+    Not ``hydra`` (Hydra's own settings, which the job sets) nor ``hparams_search`` (a sweep: many runs).
+    """
     return sorted(
-        p.name for p in resources.files(CONFIG_MODULE).iterdir() if p.is_dir() and not p.name.startswith("_")
+        p.name
+        for p in resources.files(CONFIG_MODULE).iterdir()
+        if p.is_dir() and not p.name.startswith("_") and p.name not in ("hydra", "hparams_search")
     )
 
 
