@@ -377,6 +377,9 @@ def test_channel_layouts_are_detected(tmp_path: Path) -> None:
         overrides_for([], tmp_path, {"training": junk})
     with pytest.raises(ConfigError, match=r"no training channel"):
         overrides_for([], tmp_path, {})
+    pipe = json.dumps({"training": {"TrainingInputMode": "Pipe"}})
+    with pytest.raises(ConfigError, match=r"training channel: Pipe input mode"):
+        overrides_for([], tmp_path, {"training": lab}, SM_INPUT_DATA_CONFIG=pipe)
 
 
 def test_gpus_and_instances_select_devices_and_nodes(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ class SageMakerEnvironment:
     output_dir: Path
     output_data_dir: Path
     channels: dict[str, Path] = field(default_factory=dict)
+    input_modes: dict[str, str] = field(default_factory=dict)  # channel -> File | FastFile | Pipe
     num_gpus: int = 0
     hosts: tuple[str, ...] = ("algo-1",)
     current_host: str = "algo-1"
@@ -44,6 +45,12 @@ class SageMakerEnvironment:
             for name in names
             if f"SM_CHANNEL_{str(name).upper()}" in env
         }
+        input_config = _json(env, "SM_INPUT_DATA_CONFIG", {})
+        input_modes = {
+            str(name): str(spec.get("TrainingInputMode", "File"))
+            for name, spec in (input_config.items() if isinstance(input_config, dict) else ())
+            if isinstance(spec, dict)
+        }
         hosts = tuple(str(h) for h in _json(env, "SM_HOSTS", ["algo-1"])) or ("algo-1",)
         try:
             num_gpus = int(env.get("SM_NUM_GPUS", "0") or 0)
@@ -54,10 +61,22 @@ class SageMakerEnvironment:
             output_dir=output_dir,
             output_data_dir=Path(env.get("SM_OUTPUT_DATA_DIR", output_dir / "data")),
             channels=channels,
+            input_modes=input_modes,
             num_gpus=num_gpus,
             hosts=hosts,
             current_host=env.get("SM_CURRENT_HOST", hosts[0]),
         )
+
+    def channel(self, name: str) -> Path | None:
+        """The folder of an input channel, or None; a ConfigError for a channel streamed in Pipe mode."""
+        if name not in self.channels:
+            return None
+        if self.input_modes.get(name) == "Pipe":
+            raise ConfigError(
+                f"{name} channel: Pipe input mode streams records, not files; give the channel "
+                "input_mode='File' (or 'FastFile') in the estimator"
+            )
+        return self.channels[name]
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -77,7 +77,7 @@ def job_overrides(
     """
     groups = config_groups()
     hp = split_hyperparameters(parse_arguments(argv), groups)
-    training = env.channels.get("training")
+    training = env.channel("training")
     for key in ("data.datalist", "data.val_datalist"):
         # A datalist named by its file name: the file in the training channel.
         value = hp.options.get(key)
@@ -125,7 +125,7 @@ def job_overrides(
 def data_settings(env: SageMakerEnvironment, hp: Hyperparameters) -> dict[str, Any]:
     """Data options for what the ``training`` (and ``validation``) channel holds."""
     options = hp.options
-    training = env.channels.get("training")
+    training = env.channel("training")
     settings: dict[str, Any] = {}
     if hp.groups.get("data") == "demo":
         return settings
@@ -141,7 +141,7 @@ def data_settings(env: SageMakerEnvironment, hp: Hyperparameters) -> dict[str, A
         )
     found = find_data("training", training)
     settings.update(_source_settings(found, "data.root", "data.datalist", options, hp))
-    validation = env.channels.get("validation")
+    validation = env.channel("validation")
     if validation is not None:
         found_val = find_data("validation", validation)
         if found_val.layout != found.layout:
