@@ -44,6 +44,7 @@ def test_wheel_ships_configs_and_composes_from_them(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for config in ("train.yaml", "model/segresnet.yaml", "data/demo.yaml", "trainer/default.yaml"):
         assert f"seglight/conf/{config}" in names
+    assert "seglight/sagemaker/job.py" in names  # what sagemaker/train.py runs in the container
 
     # Import seglight from the unpacked wheel (ahead of the editable checkout) and compose from its configs.
     site = tmp_path / "site"

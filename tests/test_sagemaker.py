@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -249,6 +250,22 @@ def test_empty_channel_stops_the_job_naming_the_folder(tmp_path: Path, cache_dir
     reason = failure_reason(base, run_job(base, cache_dir))
     channel = base / "input" / "data" / "training"
     assert f"training channel {channel} is empty" in reason and "dataset.json" in reason
+
+
+def test_bad_case_found_in_training_stops_the_job_with_one_line(tmp_path: Path, cache_dir: Path) -> None:
+    """A datalist as the lab writes it ("mask" labels), with one label file missing: refused at setup."""
+    data = tmp_path / "data"
+    entries = []
+    for i in range(3):
+        image = write_nifti(data / "images" / f"subj_{i}.nii.gz", np.zeros((8, 8, 8), np.float32))
+        entries.append({"image": str(image.relative_to(data)), "mask": f"masks/subj_{i}.nii.gz"})
+        if i:
+            write_nifti(data / "masks" / f"subj_{i}.nii.gz", np.zeros((8, 8, 8), np.uint8))
+    (data / "train.json").write_text(json.dumps(entries))
+    base = sagemaker_job(tmp_path / "job", {**LAB, **TINY}, {"training": data})
+    reason = failure_reason(base, run_job(base, cache_dir))
+    assert "masks/subj_0.nii.gz" in reason
+    assert "data.label_key=mask" in (base / "output" / "data" / ".hydra" / "overrides.yaml").read_text()
 
 
 # -- the same translation in-process: values, names, layouts, clusters ---------------------------------------
