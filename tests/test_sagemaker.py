@@ -371,6 +371,7 @@ def test_channel_layouts_are_detected(tmp_path: Path) -> None:
         {"image": f"images/subj_{i:03d}.nii.gz", "mask": f"masks/subj_{i:03d}.nii.gz"} for i in range(2)
     ]
     (lab / "train.json").write_text(json.dumps(entries))
+    (lab / "demographics.csv").write_text("subject,age\nsubj_000,61\n")  # not a datalist: no image column
     got = overrides_for([], tmp_path, {"training": lab})
     assert got["data"] == "datalist" and got["data.datalist"] == str(lab / "train.json")
     assert got["data.label_key"] == "mask" and "data.image_key" not in got

@@ -39,15 +39,20 @@ class ChannelData:
     path: Path
 
 
-def find_data(channel: str, folder: Path) -> ChannelData:
-    """The dataset a channel folder holds, or a DataError naming the folder and what was expected."""
+def find_data(channel: str, folder: Path, options: Mapping[str, Any] | None = None) -> ChannelData:
+    """The dataset a channel folder holds, or a DataError naming the folder and what was expected.
+
+    ``options``: the job's seglight options; ``data.image_key`` / ``data.label_key`` there name the columns a
+    datalist must have (else the usual names are looked for).
+    """
+    options = options or {}
     if not folder.is_dir():
         raise DataError(f"{channel} channel {folder}: no such folder; expected {EXPECTED}")
     if not _visible(folder):
         raise DataError(f"{channel} channel {folder} is empty; expected {EXPECTED}")
     current = folder
     for _ in range(MAX_DEPTH + 1):
-        found = _data_in(channel, current)
+        found = _data_in(channel, current, options)
         if found is not None:
             return found
         inside = _visible(current)
@@ -60,10 +65,15 @@ def find_data(channel: str, folder: Path) -> ChannelData:
     )
 
 
-def _data_in(channel: str, folder: Path) -> ChannelData | None:
+def _data_in(channel: str, folder: Path, options: Mapping[str, Any]) -> ChannelData | None:
     if (folder / "dataset.json").is_file():
         return ChannelData("dataset", folder)
-    datalists = sorted(p for p in _visible(folder) if p.is_file() and p.suffix.lower() in (".json", ".csv"))
+    # A table of something else (demographics.csv, a splits file) beside the data is not a datalist.
+    datalists = sorted(
+        p
+        for p in _visible(folder)
+        if p.is_file() and p.suffix.lower() in (".json", ".csv") and is_datalist(p, options)
+    )
     if len(datalists) > 1:
         raise DataError(
             f"{channel} channel {folder} holds several datalists ({', '.join(p.name for p in datalists)}): "
@@ -74,6 +84,18 @@ def _data_in(channel: str, folder: Path) -> ChannelData | None:
     if subject_folders(folder):
         return ChannelData("folder", folder)
     return None
+
+
+def is_datalist(path: Path, options: Mapping[str, Any]) -> bool:
+    """Whether a .json/.csv file lists cases: its entries have an image key and a label key."""
+    try:
+        keys = datalist_keys(path)
+    except DataError:
+        return False
+    return all(
+        any(key in keys for key in _as_list(options.get(option)) or candidates)
+        for option, candidates in (("data.image_key", IMAGE_KEYS), ("data.label_key", LABEL_KEYS))
+    )
 
 
 def subject_folders(folder: Path) -> dict[str, list[str]]:
@@ -147,6 +169,12 @@ def subject_pattern_options(folder: Path, options: Mapping[str, Any]) -> dict[st
         "label is not clear: name them with the hyperparameters data.image_pattern=*/<image file> and "
         "data.label_pattern=*/<label file>"
     )
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
 
 
 def _visible(folder: Path) -> list[Path]:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -125,53 +126,65 @@ def job_overrides(
 def data_settings(env: SageMakerEnvironment, hp: Hyperparameters) -> dict[str, Any]:
     """Data options for what the ``training`` (and ``validation``) channel holds."""
     options = hp.options
-    training = env.channel("training")
+    group = hp.groups.get("data")
+    if group == "demo":
+        return {}
     settings: dict[str, Any] = {}
-    if hp.groups.get("data") == "demo":
-        return settings
+    training_layout = None
     if "data.datalist" in options or "data.root" in options:
-        # The data named by hyperparameters (e.g. an s3:// prefix read through seglight's cache), not a channel.
-        if "data" not in hp.groups:
-            settings["data"] = "datalist" if "data.datalist" in options else "msd"
-        return settings
-    if training is None:
-        raise ConfigError(
-            "no training channel: start the job with estimator.fit({'training': 's3://bucket/prefix/'}), "
-            "or give data.root / data.datalist as hyperparameters"
-        )
-    found = find_data("training", training)
-    settings.update(_source_settings(found, "data.root", "data.datalist", options, hp))
+        # The data named by hyperparameters: a datalist in the channel, or e.g. an s3:// prefix.
+        datalist = options.get("data.datalist")
+        settings["data"] = group or ("datalist" if datalist is not None else "msd")
+        if isinstance(datalist, str) and Path(datalist).is_file():
+            settings |= datalist_key_options(Path(datalist), options)
+    else:
+        training = env.channel("training")
+        if training is None:
+            raise ConfigError(
+                "no training channel: start the job with estimator.fit({'training': 's3://bucket/prefix/'}), "
+                "or give data.root / data.datalist as hyperparameters"
+            )
+        found = find_data("training", training, options)
+        settings |= _source_settings(found, "data.root", "data.datalist", options, group)
+        training_layout = found.layout
     validation = env.channel("validation")
     if validation is not None:
-        found_val = find_data("validation", validation)
-        if found_val.layout != found.layout:
+        found = find_data("validation", validation, options)
+        if training_layout not in (None, found.layout):
             raise ConfigError(
-                f"validation channel {validation} holds a {found_val.layout} but the training channel a "
-                f"{found.layout}: give both in the same layout"
+                f"validation channel {validation} holds a {found.layout} but the training channel a "
+                f"{training_layout}: give both in the same layout"
             )
-        key = "data.val_datalist" if found_val.layout == "datalist" else "data.val_root"
-        settings[key] = str(found_val.path)
+        read_as = _source_settings(found, "data.val_root", "data.val_datalist", options, group)
+        read_as.pop("data")  # the training data choose the layout; both are read with the same options
+        for key, value in read_as.items():
+            if key.startswith("data.val_"):
+                continue
+            if (key in settings and settings[key] != value) or (key not in settings and training_layout):
+                raise ConfigError(
+                    f"validation channel {validation} needs {key}={value}, unlike the training channel: "
+                    "give both in the same layout, with the same file names or keys"
+                )
+        settings |= read_as
     return settings
 
 
 def _source_settings(
-    found: ChannelData, root_key: str, datalist_key: str, options: Mapping[str, Any], hp: Hyperparameters
+    found: ChannelData, root_key: str, datalist_key: str, options: Mapping[str, Any], group: str | None
 ) -> dict[str, Any]:
-    group = hp.groups.get("data")
+    """The data group and options that read one channel's dataset (training or validation)."""
     if found.layout == "dataset":
         return {"data": group or "msd", root_key: str(found.path)}
     if found.layout == "datalist":
-        return {"data": group or "datalist", datalist_key: str(found.path)} | datalist_key_options(
-            found.path, options
-        )
+        keys = datalist_key_options(found.path, options)
+        return {"data": group or "datalist", datalist_key: str(found.path)} | keys
     if "folder" not in group_options("data"):
         raise ConfigError(
-            f"training channel {found.path} holds subject folders, which this seglight cannot read "
-            "(no data=folder); give a dataset.json or a datalist"
+            f"{found.path} holds subject folders, which this seglight cannot read (no data=folder); "
+            "give a dataset.json or a datalist"
         )
-    return {"data": group or "folder", root_key: str(found.path)} | subject_pattern_options(
-        found.path, options
-    )
+    patterns = subject_pattern_options(found.path, options)
+    return {"data": group or "folder", root_key: str(found.path)} | patterns
 
 
 def cluster_settings(
