@@ -1,0 +1,766 @@
+"""Deployable models: a checkpoint's network as TorchScript or ONNX, checked against it, with a JSON beside it.
+
+The exported model is the plain network (no activation checkpointing, channels_last or torch.compile: those are
+training switches) in eval mode. It takes a preprocessed batch ``(B, C, X, Y, Z)`` of float32, exactly as the
+training pipeline makes it, and returns logits ``(B, K, X, Y, Z)``. Before anything is written, the exported
+model is run against the checkpoint's network on small random volumes: TorchScript must give identical logits,
+ONNX (through ONNX Runtime) logits within 1e-4. The same runs decide which input sizes the JSON promises: any
+batch size, and spatial sizes that are multiples of the network's divisor, only where they were checked.
+The JSON is also embedded in the model file (a TorchScript extra file, ONNX metadata), so the two cannot part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seglight.errors import ConfigError, SeglightError
+from seglight.inference import LoadedCheckpoint, load_checkpoint
+from seglight.module import build_network
+from seglight.networks import check_input_size, class_name, size_divisors, split_options
+from seglight.report import checkpoint_epoch, package_versions
+from seglight.utils import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger("seglight")
+
+# File name endings each format may be written under; the first is the default.
+SUFFIXES = {"torchscript": (".pt", ".ts", ".pth"), "onnx": (".onnx",)}
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+# torch's ONNX function library is written for opset 18, so the dynamo exporter needs no version conversion;
+# ONNX Runtime >= 1.14 and TensorRT >= 8.6 read it.
+DEFAULT_OPSET = 18
+ONNX_TOLERANCE = 1e-4  # absolute and relative, as torch.testing.assert_close counts them
+METADATA_NAME = "seglight.json"  # the JSON's name inside the model file
+INSTALL_HINT = 'pip install "seglight[export]"'
+# Divisor tried for networks whose input-size rule seglight does not know, when checking other sizes.
+UNKNOWN_DIVISOR = 16
+
+
+@dataclass
+class ExportResult:
+    """The files an export wrote and the metadata written into them."""
+
+    model_path: Path
+    metadata_path: Path
+    metadata: dict[str, Any]
+
+
+@dataclass
+class _Check:
+    """One comparison of the exported model with the checkpoint's network."""
+
+    shape: list[int]
+    passed: bool
+    max_abs_difference: float | None = None
+    error: str | None = None
+    output_shape: list[int] | None = None
+
+
+def export_checkpoint(
+    ckpt: str | Path,
+    format: str = "torchscript",  # noqa: A002 - the command-line name
+    output: str | Path | None = None,
+    opset: int = DEFAULT_OPSET,
+    dynamo: bool = True,
+    spatial_size: Sequence[int] | None = None,
+) -> ExportResult:
+    """Export the network of ``ckpt`` as ``format`` into ``output`` (a folder or a file name), with its JSON.
+
+    Args:
+        ckpt: a checkpoint written by seglight training (loaded weights-only).
+        format: ``torchscript`` or ``onnx``.
+        output: a folder, or a file name ending as the format does (``.pt``/``.ts``/``.pth``, ``.onnx``);
+            default: ``<run>/export/`` for a checkpoint in a run's ``checkpoints/`` folder, else its folder.
+        opset: ONNX opset.
+        dynamo: ONNX only: torch's ``torch.export``-based exporter (default); false uses the deprecated
+            TorchScript-based one.
+        spatial_size: the volume size checked and recorded as the trained size; default: the size the network
+            was trained on (``data.spatial_size``, or the patch size in patch mode).
+    """
+    fmt = check_format(format)
+    if fmt == "onnx":
+        require_onnx(dynamo)
+    model_path = output_path(ckpt, fmt, output)
+    loaded = load_checkpoint(checkpoint_file(ckpt))
+    net_config = split_options(dict(loaded.module.hparams.net))[0]
+    network = plain_network(loaded)
+    size = trained_size(loaded, spatial_size)
+    check_input_size(net_config, size, "spatial_size")
+    in_channels = input_channels(net_config)
+    divisors = size_divisors(net_config, len(size))
+
+    if fmt == "torchscript":
+        model_bytes, how = _to_torchscript(network, _example(in_channels, size, batch=2))
+        run_exported = _torchscript_runner(model_bytes)
+    else:
+        model_bytes, how = _to_onnx(network, in_channels, size, divisors, int(opset), bool(dynamo))
+        run_exported = _onnx_runner(model_bytes)
+    checks = _compare(network, run_exported, in_channels, size, divisors, exact=fmt == "torchscript")
+    shapes = _accepted_shapes(checks, size, divisors, fmt, ckpt)
+
+    metadata = describe(loaded, fmt, model_path, how, shapes, checks, in_channels, network, int(opset))
+    text = json.dumps(metadata, indent=2)
+    model_bytes = _with_metadata(fmt, model_bytes, text)
+    metadata_path = metadata_path_of(model_path)
+    # The JSON first: a model file on disk always has its JSON beside it (and its own copy inside).
+    atomic_write_text(metadata_path, text + "\n")
+    atomic_write_bytes(model_path, model_bytes)
+    log.info(
+        "%s exported with %s; checked against the checkpoint at %s",
+        class_name(net_config),
+        how,
+        ", ".join(
+            "x".join(map(str, c.shape)) + ("" if c.passed else " (not accepted)") for c in checks.values()
+        ),
+    )
+    return ExportResult(model_path=model_path, metadata_path=metadata_path, metadata=metadata)
+
+
+# -- options ---------------------------------------------------------------------------------------------------
+
+
+def check_format(format: str) -> str:  # noqa: A002 - the command-line name
+    """The format, lower-cased; ConfigError naming the choices for any other."""
+    fmt = str(format).strip().lower()
+    if fmt not in SUFFIXES:
+        raise ConfigError(f"format={format}: unknown export format; use format=torchscript or format=onnx")
+    return fmt
+
+
+def require_onnx(dynamo: bool = True) -> None:
+    """ConfigError naming the extra to install when the ONNX tools are missing."""
+    needed = ["onnx", "onnxruntime"] + (["onnxscript"] if dynamo else [])
+    missing = []
+    for name in needed:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ConfigError(
+            f"format=onnx needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed: {INSTALL_HINT}"
+        )
+
+
+def checkpoint_file(ckpt: str | Path) -> Path:
+    """``ckpt`` as a path; a folder is a ConfigError that lists the checkpoints it holds."""
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        found = sorted(str(p) for p in (*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")))
+        listed = f": one of {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""
+        raise ConfigError(f"ckpt={ckpt}: a folder; give a checkpoint file{listed}")
+    return path
+
+
+def metadata_path_of(model_path: Path) -> Path:
+    """The JSON beside a model file: ``last.onnx`` -> ``last.onnx.json`` (so both formats can sit side by side)."""
+    return model_path.with_name(model_path.name + ".json")
+
+
+def output_path(ckpt: str | Path, fmt: str, output: str | Path | None) -> Path:
+    """The model file to write: ``output`` when it is a file name of this format, else a file in that folder.
+
+    The file is named after the checkpoint (``best-epoch012-dice0.8123.onnx``). A file name ending as the other
+    format does is a ConfigError, as is a folder that is an existing file.
+    """
+    name = Path(ckpt).name
+    stem = name[: -len(".ckpt")] if name.endswith(".ckpt") else name
+    if output is None or str(output) == "":
+        parent = Path(ckpt).expanduser().resolve().parent
+        folder = parent.parent / "export" if parent.name == "checkpoints" else parent
+        return folder / (stem + SUFFIXES[fmt][0])
+    target = Path(output).expanduser()
+    if target.suffix.lower() in SUFFIXES[fmt]:
+        return target.resolve()
+    other = [f for f, endings in SUFFIXES.items() if f != fmt and target.suffix.lower() in endings]
+    if other:
+        raise ConfigError(
+            f"output={output}: a {other[0]} file name, but format={fmt}; name it {target.stem}{SUFFIXES[fmt][0]} "
+            "or give a folder"
+        )
+    if target.is_file():
+        raise ConfigError(
+            f"output={output}: an existing file, not a folder; give a folder or a *{SUFFIXES[fmt][0]} name"
+        )
+    return target.resolve() / (stem + SUFFIXES[fmt][0])
+
+
+# -- what the checkpoint holds ---------------------------------------------------------------------------------
+
+
+def plain_network(loaded: LoadedCheckpoint) -> nn.Module:
+    """The checkpoint's network without seglight's training switches, with its weights, in eval mode, on the CPU.
+
+    Activation checkpointing replaces block ``forward``s with closures, channels_last changes the weights'
+    memory layout and torch.compile wraps the call: none of that belongs in a deployed model, and the
+    weights (the state dict) are the same with or without them.
+    """
+    arguments = split_options(dict(loaded.module.hparams.net))[0]
+    network = build_network(arguments)
+    network.load_state_dict(loaded.module.net.state_dict())
+    return network.cpu().eval()
+
+
+def trained_size(loaded: LoadedCheckpoint, spatial_size: Sequence[int] | None = None) -> list[int]:
+    """The volume size the network was trained on: the patch (sliding window) size, else ``spatial_size``."""
+    if spatial_size is not None:
+        size = [int(s) for s in spatial_size]
+        if len(size) != 3 or min(size) < 1:
+            raise ConfigError(
+                f"spatial_size must be three positive sizes (x, y, z), got {list(spatial_size)}"
+            )
+        return size
+    window = (loaded.module.hparams.get("inference") or {}).get("roi_size")
+    data = loaded.data
+    size = window or (
+        _patch_setting(data, "size") if data.get("mode") == "patch" else data.get("spatial_size")
+    )
+    if not size:
+        raise ConfigError(
+            f"ckpt={loaded.path}: the checkpoint has no saved input size (no data settings): give spatial_size=[x,y,z]"
+        )
+    return [int(s) for s in size]
+
+
+def input_channels(net_config: Mapping[str, Any]) -> int:
+    """The image channels the network takes (its ``in_channels``)."""
+    value = net_config.get("in_channels")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(
+            f"model: {class_name(net_config)} has no in_channels in the checkpoint's network config, so the "
+            "input of the exported model is unknown"
+        )
+    return value
+
+
+def _patch_setting(data: Mapping[str, Any], name: str) -> Any:
+    """A patch-mode setting, grouped (``patch.size``) or flat as older checkpoints save it (``patch_size``)."""
+    group = data.get("patch")
+    if isinstance(group, Mapping) and group.get(name) is not None:
+        return group[name]
+    return data.get(f"patch_{name}" if name != "target_spacing" else name)
+
+
+# -- exporting ---------------------------------------------------------------------------------------------------
+
+
+def _example(channels: int, size: Sequence[int], batch: int) -> torch.Tensor:
+    """Random values in [0, 1] (the windowed intensities), deterministic, shape ``(batch, channels, *size)``."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(batch, channels, *[int(s) for s in size], generator=generator)
+
+
+def _traceable_size(size: Sequence[int], divisors: Sequence[int] | None) -> list[int]:
+    """``size``, raised where the network's deepest feature map would be one voxel.
+
+    torch.export specialises every dimension whose example value is 1, and would then fix the input size.
+    """
+    if divisors is None:
+        return list(size)
+    return [2 * d if s // d < 2 and s % d == 0 else s for s, d in zip(size, divisors, strict=True)]
+
+
+def _to_torchscript(network: nn.Module, example: torch.Tensor) -> tuple[bytes, str]:
+    """The network scripted (``torch.jit.script``, which keeps every shape rule), else traced on ``example``."""
+    with torch.no_grad():
+        try:
+            module = torch.jit.script(network)
+            how = "torch.jit.script"
+        except Exception as scripting:  # scripting refuses much Python (SwinUNETR's): tracing may still work
+            log.info("TorchScript: scripting failed (%s); tracing instead", _first_line(scripting))
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    module = torch.jit.trace(network, example)
+            except Exception as tracing:
+                raise SeglightError(
+                    f"format=torchscript: torch cannot script or trace {type(network).__name__} "
+                    f"({_first_line(tracing)}); try format=onnx"
+                ) from None
+            how = "torch.jit.trace"
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    return buffer.getvalue(), how
+
+
+def _to_onnx(
+    network: nn.Module, channels: int, size: list[int], divisors: list[int] | None, opset: int, dynamo: bool
+) -> tuple[bytes, str]:
+    """ONNX bytes of the network, with a dynamic batch and dynamic spatial sizes where the exporter allows."""
+    if dynamo:
+        return _to_onnx_dynamo(network, channels, size, divisors, opset)
+    example = _example(channels, size, batch=2)
+    axes = {0: "batch", 2: "x", 3: "y", 4: "z"}
+    buffer = io.BytesIO()
+    with _quiet_exporter(), torch.no_grad():
+        try:
+            torch.onnx.export(
+                network,
+                (example,),
+                buffer,
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+                opset_version=opset,
+            )
+        except Exception as exc:
+            raise SeglightError(
+                f"format=onnx dynamo=false: torch cannot export {type(network).__name__} ({_first_line(exc)})"
+            ) from None
+    return buffer.getvalue(), f"torch.onnx.export(dynamo=False), opset {opset}"
+
+
+def _to_onnx_dynamo(
+    network: nn.Module, channels: int, size: list[int], divisors: list[int] | None, opset: int
+) -> tuple[bytes, str]:
+    """``torch.onnx.export(dynamo=True)``: batch and spatial sizes dynamic, else batch only, else fixed."""
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1)
+    if divisors is None:
+        spatial = {axis: Dim.AUTO for axis in (2, 3, 4)}
+    else:
+        # Sizes written as multiples (8*x): the ONNX graph itself says which sizes the network takes.
+        spatial = {
+            axis: d * Dim(name, min=1) if d > 1 else Dim(name, min=1)
+            for axis, name, d in zip((2, 3, 4), "xyz", divisors, strict=True)
+        }
+    attempts = [
+        ("batch and spatial sizes dynamic", _traceable_size(size, divisors), {0: batch, **spatial}, 2),
+        ("batch dynamic", size, {0: batch}, 2),
+        ("fixed shape", size, None, 1),
+    ]
+    failures = []
+    for what, example_size, dims, batch_size in attempts:
+        example = _example(channels, example_size, batch=batch_size)
+        try:
+            with _quiet_exporter(), torch.no_grad():
+                program = torch.onnx.export(
+                    network,
+                    (example,),
+                    dynamo=True,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes=(dims,) if dims else None,
+                    opset_version=opset,
+                    verbose=False,
+                )
+            proto = program.model_proto
+        except Exception as exc:  # torch.export's refusals come as many types: try the next attempt
+            failures.append(f"{what}: {_first_line(exc)}")
+            log.info("ONNX export with %s failed: %s", what, _first_line(exc))
+            continue
+        return proto.SerializeToString(), f"torch.onnx.export(dynamo=True), opset {opset}, {what}"
+    raise SeglightError(
+        f"format=onnx: torch cannot export {type(network).__name__} ({failures[-1]}); try format=torchscript "
+        "or dynamo=false"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporters' chatter (optional-operator notices, deprecation and tracer warnings)."""
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch._export", "onnxscript", "onnx_ir")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _with_metadata(fmt: str, model_bytes: bytes, text: str) -> bytes:
+    """The model file with the JSON inside: a TorchScript extra file, or ONNX ``metadata_props``."""
+    if fmt == "torchscript":
+        module = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu")
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer, _extra_files={METADATA_NAME: text})
+        return buffer.getvalue()
+    import onnx
+
+    model = onnx.load_model_from_string(model_bytes)
+    onnx.helper.set_model_props(model, {METADATA_NAME: text})
+    model.doc_string = "seglight segmentation network: preprocessed image (B, C, X, Y, Z) -> logits"
+    return model.SerializeToString()
+
+
+# -- checking --------------------------------------------------------------------------------------------------
+
+
+def _torchscript_runner(model_bytes: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    module = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu").eval()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(x)
+
+    return run
+
+
+def _onnx_runner(model_bytes: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+
+    return run
+
+
+def _compare(
+    network: nn.Module,
+    run_exported: Callable[[torch.Tensor], torch.Tensor],
+    channels: int,
+    size: list[int],
+    divisors: list[int] | None,
+    exact: bool,
+) -> dict[str, _Check]:
+    """Run the network and the exported model on the same volumes: a batch of 2 at the trained size, then one
+    volume of another size the network takes (and, if that is refused, one volume at the trained size)."""
+    step = divisors or [UNKNOWN_DIVISOR] * len(size)
+    inputs = {
+        "trained_size": (2, size),
+        "other_size": (1, [s + d for s, d in zip(size, step, strict=True)]),
+        "batch_of_one": (1, size),
+    }
+    checks: dict[str, _Check] = {}
+    for name, (batch, volume_size) in inputs.items():
+        if name == "batch_of_one" and checks["other_size"].passed:
+            break  # a batch of one at another size passed: batch and size are both free
+        checks[name] = _check(network, run_exported, _example(channels, volume_size, batch=batch), exact)
+    return checks
+
+
+def _check(
+    network: nn.Module, run_exported: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, exact: bool
+) -> _Check:
+    shape = list(x.shape)
+    try:
+        with torch.no_grad():
+            expected = network(x)
+    except Exception as exc:  # the network itself does not take this size
+        return _Check(shape, False, error=f"the checkpoint's network fails: {_first_line(exc)}")
+    try:
+        got = run_exported(x)
+    except Exception as exc:  # the exported model does not take this shape
+        return _Check(shape, False, error=_first_line(exc))
+    if got.shape != expected.shape:
+        return _Check(shape, False, error=f"logits of shape {list(got.shape)}")
+    difference = float((got - expected).abs().max()) if got.numel() else 0.0
+    if exact:
+        passed = torch.equal(got, expected)
+    else:
+        passed = bool(torch.isclose(got, expected, rtol=ONNX_TOLERANCE, atol=ONNX_TOLERANCE).all())
+    return _Check(shape, passed, difference, output_shape=list(got.shape))
+
+
+def _accepted_shapes(
+    checks: Mapping[str, _Check], size: list[int], divisors: list[int] | None, fmt: str, ckpt: str | Path
+) -> dict[str, Any]:
+    """What the checks showed the exported model takes; SeglightError when it disagrees at the trained size."""
+    trained, other, single = checks["trained_size"], checks["other_size"], checks.get("batch_of_one")
+    if not trained.passed and not (single and single.passed):
+        why = trained.error or (
+            f"logits differ by up to {trained.max_abs_difference:.3g} "
+            + (
+                "(TorchScript must match exactly)"
+                if fmt == "torchscript"
+                else f"(more than {ONNX_TOLERANCE:g})"
+            )
+        )
+        raise SeglightError(
+            f"ckpt={ckpt}: the exported {fmt} model does not reproduce the checkpoint: {why}; nothing written"
+        )
+    if other.passed:
+        batch: int | str = "any"
+        spatial: dict[str, Any] = {"dynamic": True}
+        if divisors is not None:
+            spatial["multiple_of"] = list(divisors)
+        else:
+            spatial["note"] = "sizes this network takes; checked at the sizes listed under verification"
+        return {"batch": batch, "spatial": spatial}
+    log.info(
+        "The exported model takes volumes of %s only (%s)", size, other.error or "its logits differ there"
+    )
+    batch = "any" if trained.passed and single is not None and single.passed else (2 if trained.passed else 1)
+    return {"batch": batch, "spatial": {"dynamic": False, "size": list(size)}}
+
+
+# -- the description ------------------------------------------------------------------------------------------
+
+
+def describe(
+    loaded: LoadedCheckpoint,
+    fmt: str,
+    model_path: Path,
+    how: str,
+    shapes: Mapping[str, Any],
+    checks: Mapping[str, _Check],
+    in_channels: int,
+    network: nn.Module,
+    opset: int,
+) -> dict[str, Any]:
+    """The JSON beside the model: what it takes, what it returns, how to prepare the one and read the other."""
+    hparams = loaded.module.hparams
+    net_config = split_options(dict(hparams.net))[0]
+    out_channels = next(c.output_shape[1] for c in checks.values() if c.passed and c.output_shape)
+    data = loaded.data
+    size = shapes["spatial"].get("size")
+    spatial_names: list[Any] = ["x", "y", "z"] if size is None else list(size)
+    batch = "batch" if shapes["batch"] == "any" else shapes["batch"]
+    packages = ("seglight", "torch", "monai") + (
+        ("onnx", "onnxruntime", "onnxscript") if fmt == "onnx" else ()
+    )
+    return {
+        "format": fmt,
+        "model_file": model_path.name,
+        "exported_by": how,
+        **({"onnx_opset": opset} if fmt == "onnx" else {}),
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(packages),
+        "checkpoint": _checkpoint_identity(loaded.path),
+        "network": {**net_config, "parameters": sum(p.numel() for p in network.parameters())},
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "float32",
+            "shape": [batch, in_channels, *spatial_names],
+            "axes": "batch, channel, then the image's voxel axes after reorientation (see preprocessing)",
+            "batch": shapes["batch"],
+            "spatial": {**shapes["spatial"], "trained_size": _trained(loaded)},
+            "channels": _channels(data, in_channels),
+            "value_range": [0.0, 1.0],
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "dtype": "float32",
+            "shape": [batch, out_channels, *spatial_names],
+            "meaning": "logits, before the activation; same spatial size as the input",
+        },
+        "activation": _activation(out_channels, float(hparams.threshold)),
+        "labels": _labels(hparams.get("label_names") or {}, out_channels),
+        "preprocessing": _preprocessing(data, hparams.get("inference") or {}),
+        "data_settings": _data_settings(data),
+        "verification": {
+            "device": "cpu",
+            "reference": "the checkpoint's network in eval mode",
+            "rule": "identical (torch.equal)"
+            if fmt == "torchscript"
+            else f"within {ONNX_TOLERANCE:g} (ONNX Runtime)",
+            "inputs": "random values in [0, 1], seed 0",
+            "checks": {
+                name: {k: v for k, v in vars(check).items() if v is not None}
+                for name, check in checks.items()
+            },
+        },
+        "usage": _usage(fmt, model_path.name),
+    }
+
+
+def _checkpoint_identity(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    resolved = Path(path).expanduser().resolve()
+    digest = hashlib.sha256()
+    with open(resolved, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(resolved), "sha256": digest.hexdigest(), "epoch": checkpoint_epoch(resolved)}
+
+
+def _trained(loaded: LoadedCheckpoint) -> list[int] | None:
+    try:
+        return trained_size(loaded)
+    except ConfigError:
+        return None
+
+
+def _channels(data: Mapping[str, Any], in_channels: int) -> dict[str, Any]:
+    """How the image channels were stacked in training, and their names where the dataset says."""
+    keys = data.get("image_key")
+    described: dict[str, Any] = {"count": in_channels}
+    if isinstance(keys, list) and len(keys) > 1:
+        described["order"] = "one file per datalist column, in this order"
+        described["names"] = [str(k) for k in keys]
+        return described
+    described["order"] = (
+        "the image's own channels in file order (a 4D image's last axis; nnU-Net's _0000, _0001, ... files)"
+    )
+    names = _declared_channel_names(data.get("root"))
+    if names:
+        described["names"] = names
+    return described
+
+
+def _declared_channel_names(root: Any) -> list[str] | None:
+    """nnU-Net ``channel_names`` or MSD ``modality`` of the training dataset.json, if it is still on this disk."""
+    if not root or "://" in str(root):
+        return None
+    index = Path(str(root)).expanduser() / "dataset.json"
+    try:
+        meta = json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("channel_names", "modality"):
+        names = meta.get(key) if isinstance(meta, Mapping) else None
+        if isinstance(names, Mapping) and names:
+            try:
+                return [str(names[k]) for k in sorted(names, key=int)]
+            except (TypeError, ValueError):
+                return [str(v) for v in names.values()]
+    return None
+
+
+def _activation(out_channels: int, threshold: float) -> dict[str, Any]:
+    if out_channels == 1:
+        return {
+            "type": "sigmoid",
+            "threshold": threshold,
+            "mask": f"sigmoid(logits) > {threshold:g} is the foreground label (1), else background (0)",
+        }
+    return {
+        "type": "softmax",
+        "dim": 1,
+        "mask": "argmax over the channels: channel k is label value k",
+    }
+
+
+def _labels(names: Mapping[Any, str], out_channels: int) -> dict[str, str]:
+    """Label value -> name, for every value the mask can take."""
+    values = range(2) if out_channels == 1 else range(out_channels)
+    named = {int(k): str(v) for k, v in names.items()}
+    return {str(v): named.get(v, "background" if v == 0 else f"class{v}") for v in values}
+
+
+def _preprocessing(data: Mapping[str, Any], inference: Mapping[str, Any]) -> dict[str, Any]:
+    """The steps that turn a scan into the model's input, in order, with the MONAI transform that does each."""
+    orientation = data.get("orientation", "RAS")
+    mode = data.get("mode", "resize")
+    a_min, a_max = float(data.get("a_min", -1000.0)), float(data.get("a_max", 1000.0))
+    steps: list[dict[str, Any]] = [
+        {
+            "step": "load",
+            "monai": "LoadImaged(image_only=True), EnsureChannelFirstd()",
+            "what": "NIfTI, channel first",
+        }
+    ]
+    if orientation:
+        steps.append(
+            {"step": "orient", "axcodes": orientation, "monai": f"Orientationd(axcodes={orientation!r})"}
+        )
+    if mode == "resize":
+        size = [int(s) for s in data.get("spatial_size") or []]
+        steps.append(
+            {
+                "step": "resize",
+                "spatial_size": size,
+                "interpolation": "trilinear",
+                "monai": f"Resized(spatial_size={tuple(size)}, mode='trilinear')",
+            }
+        )
+    else:
+        spacing = _patch_setting(data, "target_spacing")
+        if spacing is not None:
+            pixdim = tuple(float(s) for s in spacing)
+            steps.append(
+                {
+                    "step": "resample",
+                    "target_spacing_mm": list(pixdim),
+                    "interpolation": "bilinear",
+                    "monai": f"Spacingd(pixdim={pixdim}, mode='bilinear')",
+                }
+            )
+    steps.append(
+        {
+            "step": "intensity",
+            "a_min": a_min,
+            "a_max": a_max,
+            "b_min": 0.0,
+            "b_max": 1.0,
+            "clip": True,
+            "monai": f"ScaleIntensityRanged(a_min={a_min:g}, a_max={a_max:g}, b_min=0.0, b_max=1.0, clip=True)",
+        }
+    )
+    steps.append({"step": "dtype", "dtype": "float32", "monai": "EnsureTyped(dtype='float32')"})
+    if mode == "patch" and inference.get("roi_size"):
+        run = {
+            "type": "sliding window",
+            "roi_size": [int(s) for s in inference["roi_size"]],
+            "overlap": float(inference.get("overlap", 0.5)),
+            "blend": inference.get("mode", "gaussian"),
+            "monai": "SlidingWindowInferer(roi_size, overlap=..., mode=...)",
+        }
+    else:
+        run = {"type": "whole volume", "note": "the resized volume is one input"}
+    return {
+        "steps": steps,
+        "inference": run,
+        "back_to_the_scan": (
+            "undo the resize/resampling and the reorientation (MONAI's Invertd, as seglight.predict does): "
+            "probabilities are resampled linearly to the scan's grid, then activated into labels"
+        ),
+    }
+
+
+# The data settings a deployment needs, as the checkpoint saved them (paths, caches and loaders left out).
+_DATA_KEYS = (
+    "mode",
+    "orientation",
+    "spatial_size",
+    "target_spacing",
+    "patch_size",
+    "patch",
+    "a_min",
+    "a_max",
+    "image_key",
+    "label_key",
+    "layout",
+    "labels",
+)
+
+
+def _data_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    # Only the size options of the mode that was trained: the others are unused defaults that would mislead.
+    unused = (
+        ("target_spacing", "patch_size", "patch")
+        if data.get("mode", "resize") == "resize"
+        else ("spatial_size",)
+    )
+    settings = {key: data[key] for key in _DATA_KEYS if data.get(key) is not None and key not in unused}
+    if isinstance(settings.get("patch"), Mapping):
+        settings["patch"] = {k: v for k, v in settings["patch"].items() if k in ("size", "target_spacing")}
+    return settings
+
+
+def _usage(fmt: str, name: str) -> str:
+    if fmt == "torchscript":
+        return f"logits = torch.jit.load('{name}', map_location='cpu').eval()(image)"
+    return (
+        f"logits = onnxruntime.InferenceSession('{name}').run(['{OUTPUT_NAME}'], "
+        f"{{'{INPUT_NAME}': image_as_float32_numpy}})[0]"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
