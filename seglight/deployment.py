@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from seglight.errors import ConfigError, SeglightError
-from seglight.inference import LoadedCheckpoint, load_checkpoint
-from seglight.module import build_network
+from seglight.inference import load_checkpoint
+from seglight.module import SegModule, build_network
 from seglight.networks import check_input_size, class_name, size_divisors, split_options
 from seglight.report import checkpoint_epoch, package_versions
 from seglight.utils import atomic_write_bytes, atomic_write_text
@@ -94,10 +94,11 @@ def export_checkpoint(
     if fmt == "onnx":
         require_onnx(dynamo)
     model_path = output_path(ckpt, fmt, output)
-    loaded = load_checkpoint(checkpoint_file(ckpt))
-    net_config = split_options(dict(loaded.module.hparams.net))[0]
-    network = plain_network(loaded)
-    size = trained_size(loaded, spatial_size)
+    ckpt = checkpoint_file(ckpt)
+    module, data = load_trained(ckpt)
+    net_config = split_options(dict(module.hparams.net))[0]
+    network = plain_network(module)
+    size = trained_size(module, data, spatial_size)
     check_input_size(net_config, size, "spatial_size")
     in_channels = input_channels(net_config)
     divisors = size_divisors(net_config, len(size))
@@ -111,7 +112,7 @@ def export_checkpoint(
     checks = _compare(network, run_exported, in_channels, size, divisors, exact=fmt == "torchscript")
     shapes = _accepted_shapes(checks, size, divisors, fmt, ckpt)
 
-    metadata = describe(loaded, fmt, model_path, how, shapes, checks, in_channels, network, int(opset))
+    metadata = describe(module, data, ckpt, fmt, model_path, how, shapes, checks, network, int(opset))
     text = json.dumps(metadata, indent=2)
     model_bytes = _with_metadata(fmt, model_bytes, text)
     metadata_path = metadata_path_of(model_path)
@@ -202,20 +203,28 @@ def output_path(ckpt: str | Path, fmt: str, output: str | Path | None) -> Path:
 # -- what the checkpoint holds ---------------------------------------------------------------------------------
 
 
-def plain_network(loaded: LoadedCheckpoint) -> nn.Module:
+def load_trained(ckpt: Path) -> tuple[SegModule, dict[str, Any]]:
+    """The checkpoint's module (read weights-only, on the CPU) and the data settings it was trained with."""
+    loaded = load_checkpoint(ckpt)
+    return loaded.module, dict(loaded.data)
+
+
+def plain_network(module: SegModule) -> nn.Module:
     """The checkpoint's network without seglight's training switches, with its weights, in eval mode, on the CPU.
 
     Activation checkpointing replaces block ``forward``s with closures, channels_last changes the weights'
     memory layout and torch.compile wraps the call: none of that belongs in a deployed model, and the
     weights (the state dict) are the same with or without them.
     """
-    arguments = split_options(dict(loaded.module.hparams.net))[0]
+    arguments = split_options(dict(module.hparams.net))[0]
     network = build_network(arguments)
-    network.load_state_dict(loaded.module.net.state_dict())
+    network.load_state_dict(module.net.state_dict())
     return network.cpu().eval()
 
 
-def trained_size(loaded: LoadedCheckpoint, spatial_size: Sequence[int] | None = None) -> list[int]:
+def trained_size(
+    module: SegModule, data: Mapping[str, Any], spatial_size: Sequence[int] | None = None
+) -> list[int]:
     """The volume size the network was trained on: the patch (sliding window) size, else ``spatial_size``."""
     if spatial_size is not None:
         size = [int(s) for s in spatial_size]
@@ -224,14 +233,13 @@ def trained_size(loaded: LoadedCheckpoint, spatial_size: Sequence[int] | None = 
                 f"spatial_size must be three positive sizes (x, y, z), got {list(spatial_size)}"
             )
         return size
-    window = (loaded.module.hparams.get("inference") or {}).get("roi_size")
-    data = loaded.data
+    window = (module.hparams.get("inference") or {}).get("roi_size")
     size = window or (
         _patch_setting(data, "size") if data.get("mode") == "patch" else data.get("spatial_size")
     )
     if not size:
         raise ConfigError(
-            f"ckpt={loaded.path}: the checkpoint has no saved input size (no data settings): give spatial_size=[x,y,z]"
+            "the checkpoint has no saved input size (no data settings): give spatial_size=[x,y,z]"
         )
     return [int(s) for s in size]
 
@@ -511,21 +519,22 @@ def _accepted_shapes(
 
 
 def describe(
-    loaded: LoadedCheckpoint,
+    module: SegModule,
+    data: Mapping[str, Any],
+    ckpt: Path,
     fmt: str,
     model_path: Path,
     how: str,
     shapes: Mapping[str, Any],
     checks: Mapping[str, _Check],
-    in_channels: int,
     network: nn.Module,
     opset: int,
 ) -> dict[str, Any]:
     """The JSON beside the model: what it takes, what it returns, how to prepare the one and read the other."""
-    hparams = loaded.module.hparams
+    hparams = module.hparams
     net_config = split_options(dict(hparams.net))[0]
+    in_channels = input_channels(net_config)
     out_channels = next(c.output_shape[1] for c in checks.values() if c.passed and c.output_shape)
-    data = loaded.data
     size = shapes["spatial"].get("size")
     spatial_names: list[Any] = ["x", "y", "z"] if size is None else list(size)
     batch = "batch" if shapes["batch"] == "any" else shapes["batch"]
@@ -539,7 +548,7 @@ def describe(
         **({"onnx_opset": opset} if fmt == "onnx" else {}),
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(packages),
-        "checkpoint": _checkpoint_identity(loaded.path),
+        "checkpoint": _checkpoint_identity(ckpt),
         "network": {**net_config, "parameters": sum(p.numel() for p in network.parameters())},
         "input": {
             "name": INPUT_NAME,
@@ -547,7 +556,7 @@ def describe(
             "shape": [batch, in_channels, *spatial_names],
             "axes": "batch, channel, then the image's voxel axes after reorientation (see preprocessing)",
             "batch": shapes["batch"],
-            "spatial": {**shapes["spatial"], "trained_size": _trained(loaded)},
+            "spatial": {**shapes["spatial"], "trained_size": _trained(module, data)},
             "channels": _channels(data, in_channels),
             "value_range": [0.0, 1.0],
         },
@@ -577,9 +586,7 @@ def describe(
     }
 
 
-def _checkpoint_identity(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
+def _checkpoint_identity(path: Path) -> dict[str, Any]:
     resolved = Path(path).expanduser().resolve()
     digest = hashlib.sha256()
     with open(resolved, "rb") as handle:
@@ -588,9 +595,9 @@ def _checkpoint_identity(path: Path | None) -> dict[str, Any]:
     return {"path": str(resolved), "sha256": digest.hexdigest(), "epoch": checkpoint_epoch(resolved)}
 
 
-def _trained(loaded: LoadedCheckpoint) -> list[int] | None:
+def _trained(module: SegModule, data: Mapping[str, Any]) -> list[int] | None:
     try:
-        return trained_size(loaded)
+        return trained_size(module, data)
     except ConfigError:
         return None
 

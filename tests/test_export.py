@@ -19,10 +19,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from seglight.deployment import METADATA_NAME, export_checkpoint
+from seglight.deployment import METADATA_NAME, export_checkpoint, load_trained
 from seglight.errors import reported_errors
 from seglight.export import run
-from seglight.inference import load_checkpoint
 from tests.conftest import tiny_overrides, train_in_process
 
 SIZE = [16, 16, 8]  # SegResNet's deepest feature map is 2x2x1 voxels at this size
@@ -53,7 +52,7 @@ _LOADED: dict[Path, torch.nn.Module] = {}
 def checkpoint_logits(ckpt: Path, x: torch.Tensor) -> torch.Tensor:
     """What the checkpoint's module computes for ``x`` (loaded as predict loads it)."""
     if ckpt not in _LOADED:
-        _LOADED[ckpt] = load_checkpoint(ckpt).module
+        _LOADED[ckpt] = load_trained(ckpt)[0]
     with torch.no_grad():
         return _LOADED[ckpt](x)
 
