@@ -6,13 +6,12 @@ training pipeline makes it, and returns logits ``(B, K, X, Y, Z)``. Before anyth
 model is run against the checkpoint's network on small random volumes: TorchScript must give identical logits,
 ONNX (through ONNX Runtime) logits within 1e-4. The same runs decide which input sizes the JSON promises: any
 batch size, and spatial sizes that are multiples of the network's divisor, only where they were checked.
-The JSON is also embedded in the model file (a TorchScript extra file, ONNX metadata), so the two cannot part.
+The JSON (``seglight.deployment_metadata``) is also embedded in the model file, so the two cannot part.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import io
 import json
@@ -21,30 +20,34 @@ import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from seglight.deployment_metadata import (
+    INPUT_NAME,
+    METADATA_NAME,
+    ONNX_TOLERANCE,
+    OUTPUT_NAME,
+    describe,
+    metadata_path_of,
+    patch_setting,
+)
 from seglight.errors import ConfigError, SeglightError
 from seglight.inference import load_checkpoint
 from seglight.module import SegModule, build_network
 from seglight.networks import check_input_size, class_name, size_divisors, split_options
-from seglight.report import checkpoint_epoch, package_versions
 from seglight.utils import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("seglight")
 
 # File name endings each format may be written under; the first is the default.
 SUFFIXES = {"torchscript": (".pt", ".ts", ".pth"), "onnx": (".onnx",)}
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # torch's ONNX function library is written for opset 18, so the dynamo exporter needs no version conversion;
 # ONNX Runtime >= 1.14 and TensorRT >= 8.6 read it.
 DEFAULT_OPSET = 18
-ONNX_TOLERANCE = 1e-4  # absolute and relative, as torch.testing.assert_close counts them
-METADATA_NAME = "seglight.json"  # the JSON's name inside the model file
 INSTALL_HINT = 'pip install "seglight[export]"'
 # Divisor tried for networks whose input-size rule seglight does not know, when checking other sizes.
 UNKNOWN_DIVISOR = 16
@@ -113,7 +116,16 @@ def export_checkpoint(
     checks = _compare(network, run_exported, in_channels, size, divisors, exact=fmt == "torchscript")
     shapes = _accepted_shapes(checks, size, divisors, fmt, ckpt)
 
-    metadata = describe(module, data, ckpt, fmt, model_path, how, shapes, checks, network, int(opset))
+    export = {
+        "format": fmt,
+        "model_file": model_path.name,
+        "exported_by": how,
+        "opset": int(opset),
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "trained_size": _trained(module, data),
+    }
+    found = {name: vars(check) for name, check in checks.items()}
+    metadata = describe(dict(module.hparams), data, ckpt, export, shapes, found)
     text = json.dumps(metadata, indent=2)
     model_bytes = _with_metadata(fmt, model_bytes, text)
     metadata_path = metadata_path_of(model_path)
@@ -166,11 +178,6 @@ def checkpoint_file(ckpt: str | Path) -> Path:
         listed = f": one of {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else ""
         raise ConfigError(f"ckpt={ckpt}: a folder; give a checkpoint file{listed}")
     return path
-
-
-def metadata_path_of(model_path: Path) -> Path:
-    """The JSON beside a model file: ``last.onnx`` -> ``last.onnx.json`` (so both formats can sit side by side)."""
-    return model_path.with_name(model_path.name + ".json")
 
 
 def output_path(ckpt: str | Path, fmt: str, output: str | Path | None) -> Path:
@@ -236,7 +243,7 @@ def trained_size(
         return size
     window = (module.hparams.get("inference") or {}).get("roi_size")
     size = window or (
-        _patch_setting(data, "size") if data.get("mode") == "patch" else data.get("spatial_size")
+        patch_setting(data, "size") if data.get("mode") == "patch" else data.get("spatial_size")
     )
     if not size:
         raise ConfigError(
@@ -254,14 +261,6 @@ def input_channels(net_config: Mapping[str, Any]) -> int:
             "input of the exported model is unknown"
         )
     return value
-
-
-def _patch_setting(data: Mapping[str, Any], name: str) -> Any:
-    """A patch-mode setting, grouped (``patch.size``) or flat as older checkpoints save it (``patch_size``)."""
-    group = data.get("patch")
-    if isinstance(group, Mapping) and group.get(name) is not None:
-        return group[name]
-    return data.get(f"patch_{name}" if name != "target_spacing" else name)
 
 
 # -- exporting ---------------------------------------------------------------------------------------------------
@@ -541,257 +540,11 @@ def _accepted_shapes(
     return {"batch": batch, "spatial": {"dynamic": False, "size": list(size)}}
 
 
-# -- the description ------------------------------------------------------------------------------------------
-
-
-def describe(
-    module: SegModule,
-    data: Mapping[str, Any],
-    ckpt: Path,
-    fmt: str,
-    model_path: Path,
-    how: str,
-    shapes: Mapping[str, Any],
-    checks: Mapping[str, _Check],
-    network: nn.Module,
-    opset: int,
-) -> dict[str, Any]:
-    """The JSON beside the model: what it takes, what it returns, how to prepare the one and read the other."""
-    hparams = module.hparams
-    net_config = split_options(dict(hparams.net))[0]
-    in_channels = input_channels(net_config)
-    out_channels = next(c.output_shape[1] for c in checks.values() if c.passed and c.output_shape)
-    size = shapes["spatial"].get("size")
-    spatial_names: list[Any] = ["x", "y", "z"] if size is None else list(size)
-    batch = "batch" if shapes["batch"] == "any" else shapes["batch"]
-    packages = ("seglight", "torch", "monai") + (
-        ("onnx", "onnxruntime", "onnxscript") if fmt == "onnx" else ()
-    )
-    return {
-        "format": fmt,
-        "model_file": model_path.name,
-        "exported_by": how,
-        **({"onnx_opset": opset} if fmt == "onnx" else {}),
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions(packages),
-        "checkpoint": _checkpoint_identity(ckpt),
-        "network": {**net_config, "parameters": sum(p.numel() for p in network.parameters())},
-        "input": {
-            "name": INPUT_NAME,
-            "dtype": "float32",
-            "shape": [batch, in_channels, *spatial_names],
-            "axes": "batch, channel, then the image's voxel axes after reorientation (see preprocessing)",
-            "batch": shapes["batch"],
-            "spatial": {**shapes["spatial"], "trained_size": _trained(module, data)},
-            "channels": _channels(data, in_channels),
-            "value_range": [0.0, 1.0],
-        },
-        "output": {
-            "name": OUTPUT_NAME,
-            "dtype": "float32",
-            "shape": [batch, out_channels, *spatial_names],
-            "meaning": "logits, before the activation; same spatial size as the input",
-        },
-        "activation": _activation(out_channels, float(hparams.threshold)),
-        "labels": _labels(hparams.get("label_names") or {}, out_channels),
-        "preprocessing": _preprocessing(data, hparams.get("inference") or {}),
-        "data_settings": _data_settings(data),
-        "verification": {
-            "device": "cpu",
-            "reference": "the checkpoint's network in eval mode",
-            "rule": "identical (torch.equal)"
-            if fmt == "torchscript"
-            else f"within {ONNX_TOLERANCE:g} (ONNX Runtime)",
-            "inputs": "random values in [0, 1], seed 0",
-            "checks": {
-                name: {k: v for k, v in vars(check).items() if v is not None}
-                for name, check in checks.items()
-            },
-        },
-        "usage": _usage(fmt, model_path.name),
-    }
-
-
-def _checkpoint_identity(path: Path) -> dict[str, Any]:
-    resolved = Path(path).expanduser().resolve()
-    digest = hashlib.sha256()
-    with open(resolved, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(resolved), "sha256": digest.hexdigest(), "epoch": checkpoint_epoch(resolved)}
-
-
 def _trained(module: SegModule, data: Mapping[str, Any]) -> list[int] | None:
     try:
         return trained_size(module, data)
     except ConfigError:
         return None
-
-
-def _channels(data: Mapping[str, Any], in_channels: int) -> dict[str, Any]:
-    """How the image channels were stacked in training, and their names where the dataset says."""
-    keys = data.get("image_key")
-    described: dict[str, Any] = {"count": in_channels}
-    if isinstance(keys, list) and len(keys) > 1:
-        described["order"] = "one file per datalist column, in this order"
-        described["names"] = [str(k) for k in keys]
-        return described
-    described["order"] = (
-        "the image's own channels in file order (a 4D image's last axis; nnU-Net's _0000, _0001, ... files)"
-    )
-    names = _declared_channel_names(data.get("root"))
-    if names:
-        described["names"] = names
-    return described
-
-
-def _declared_channel_names(root: Any) -> list[str] | None:
-    """nnU-Net ``channel_names`` or MSD ``modality`` of the training dataset.json, if it is still on this disk."""
-    if not root or "://" in str(root):
-        return None
-    index = Path(str(root)).expanduser() / "dataset.json"
-    try:
-        meta = json.loads(index.read_text())
-    except (OSError, ValueError):
-        return None
-    for key in ("channel_names", "modality"):
-        names = meta.get(key) if isinstance(meta, Mapping) else None
-        if isinstance(names, Mapping) and names:
-            try:
-                return [str(names[k]) for k in sorted(names, key=int)]
-            except (TypeError, ValueError):
-                return [str(v) for v in names.values()]
-    return None
-
-
-def _activation(out_channels: int, threshold: float) -> dict[str, Any]:
-    if out_channels == 1:
-        return {
-            "type": "sigmoid",
-            "threshold": threshold,
-            "mask": f"sigmoid(logits) > {threshold:g} is the foreground label (1), else background (0)",
-        }
-    return {
-        "type": "softmax",
-        "dim": 1,
-        "mask": "argmax over the channels: channel k is label value k",
-    }
-
-
-def _labels(names: Mapping[Any, str], out_channels: int) -> dict[str, str]:
-    """Label value -> name, for every value the mask can take."""
-    values = range(2) if out_channels == 1 else range(out_channels)
-    named = {int(k): str(v) for k, v in names.items()}
-    return {str(v): named.get(v, "background" if v == 0 else f"class{v}") for v in values}
-
-
-def _preprocessing(data: Mapping[str, Any], inference: Mapping[str, Any]) -> dict[str, Any]:
-    """The steps that turn a scan into the model's input, in order, with the MONAI transform that does each."""
-    orientation = data.get("orientation", "RAS")
-    mode = data.get("mode", "resize")
-    a_min, a_max = float(data.get("a_min", -1000.0)), float(data.get("a_max", 1000.0))
-    steps: list[dict[str, Any]] = [
-        {
-            "step": "load",
-            "monai": "LoadImaged(image_only=True), EnsureChannelFirstd()",
-            "what": "NIfTI, channel first",
-        }
-    ]
-    if orientation:
-        steps.append(
-            {"step": "orient", "axcodes": orientation, "monai": f"Orientationd(axcodes={orientation!r})"}
-        )
-    if mode == "resize":
-        size = [int(s) for s in data.get("spatial_size") or []]
-        steps.append(
-            {
-                "step": "resize",
-                "spatial_size": size,
-                "interpolation": "trilinear",
-                "monai": f"Resized(spatial_size={tuple(size)}, mode='trilinear')",
-            }
-        )
-    else:
-        spacing = _patch_setting(data, "target_spacing")
-        if spacing is not None:
-            pixdim = tuple(float(s) for s in spacing)
-            steps.append(
-                {
-                    "step": "resample",
-                    "target_spacing_mm": list(pixdim),
-                    "interpolation": "bilinear",
-                    "monai": f"Spacingd(pixdim={pixdim}, mode='bilinear')",
-                }
-            )
-    steps.append(
-        {
-            "step": "intensity",
-            "a_min": a_min,
-            "a_max": a_max,
-            "b_min": 0.0,
-            "b_max": 1.0,
-            "clip": True,
-            "monai": f"ScaleIntensityRanged(a_min={a_min:g}, a_max={a_max:g}, b_min=0.0, b_max=1.0, clip=True)",
-        }
-    )
-    steps.append({"step": "dtype", "dtype": "float32", "monai": "EnsureTyped(dtype='float32')"})
-    if mode == "patch" and inference.get("roi_size"):
-        run = {
-            "type": "sliding window",
-            "roi_size": [int(s) for s in inference["roi_size"]],
-            "overlap": float(inference.get("overlap", 0.5)),
-            "blend": inference.get("mode", "gaussian"),
-            "monai": "SlidingWindowInferer(roi_size, overlap=..., mode=...)",
-        }
-    else:
-        run = {"type": "whole volume", "note": "the resized volume is one input"}
-    return {
-        "steps": steps,
-        "inference": run,
-        "back_to_the_scan": (
-            "undo the resize/resampling and the reorientation (MONAI's Invertd, as seglight.predict does): "
-            "probabilities are resampled linearly to the scan's grid, then activated into labels"
-        ),
-    }
-
-
-# The data settings a deployment needs, as the checkpoint saved them (paths, caches and loaders left out).
-_DATA_KEYS = (
-    "mode",
-    "orientation",
-    "spatial_size",
-    "target_spacing",
-    "patch_size",
-    "patch",
-    "a_min",
-    "a_max",
-    "image_key",
-    "label_key",
-    "layout",
-    "labels",
-)
-
-
-def _data_settings(data: Mapping[str, Any]) -> dict[str, Any]:
-    # Only the size options of the mode that was trained: the others are unused defaults that would mislead.
-    unused = (
-        ("target_spacing", "patch_size", "patch")
-        if data.get("mode", "resize") == "resize"
-        else ("spatial_size",)
-    )
-    settings = {key: data[key] for key in _DATA_KEYS if data.get(key) is not None and key not in unused}
-    if isinstance(settings.get("patch"), Mapping):
-        settings["patch"] = {k: v for k, v in settings["patch"].items() if k in ("size", "target_spacing")}
-    return settings
-
-
-def _usage(fmt: str, name: str) -> str:
-    if fmt == "torchscript":
-        return f"logits = torch.jit.load('{name}', map_location='cpu').eval()(image)"
-    return (
-        f"logits = onnxruntime.InferenceSession('{name}').run(['{OUTPUT_NAME}'], "
-        f"{{'{INPUT_NAME}': image_as_float32_numpy}})[0]"
-    )
 
 
 def _export_failure(error: BaseException) -> str:
