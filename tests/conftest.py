@@ -202,3 +202,30 @@ def s3() -> Iterator[S3]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def make_subject_folders(
+    root: Path,
+    subjects: list[str] | None = None,
+    files: dict[str, str] | None = None,
+) -> Path:
+    """Subject folders as the reference lab keeps them: ``root/<subject>/img.nii.gz`` and ``label.nii.gz``.
+
+    Every subject's files have the same names; ``files`` maps a role (``label``, else an image channel) to the
+    file name. Each image is a bright cube (labelled 1) on a dark background; subjects differ in size along x
+    (20, 22, 24 voxels), so a mask shows which subject it was predicted from.
+    """
+    subjects = subjects or [f"subj_{i:03d}" for i in range(4)]
+    files = files or {"image": "img.nii.gz", "label": "label.nii.gz"}
+    rng = np.random.default_rng(1)
+    for number, subject in enumerate(subjects):
+        shape = (20 + 2 * (number % 3), 20, 12)
+        label = np.zeros(shape, dtype=np.uint8)
+        label[4:12, 5:13, 3:9] = 1
+        for role, name in files.items():
+            if role == "label":
+                write_nifti(root / subject / name, label)
+            else:
+                image = rng.normal(0, 50, size=shape).astype(np.float32) - 200
+                write_nifti(root / subject / name, image + 400.0 * label)
+    return root

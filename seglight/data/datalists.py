@@ -60,15 +60,19 @@ def read_msd_datalist(
     label_key: str = "label",
     store: RemoteCache | None = None,
     meta: Mapping[str, Any] | None = None,
+    others: Sequence[Case] = (),
 ) -> list[Case]:
-    """Read ``root/dataset.json`` (Medical Segmentation Decathlon layout) and return its training cases."""
+    """Read ``root/dataset.json`` (Medical Segmentation Decathlon layout) and return its training cases.
+
+    ``others``: cases of the same dataset from another source, named alike (see ``assign_case_ids``).
+    """
     meta = meta if meta is not None else read_dataset_json(root, store)
     index = join_path(root, "dataset.json")
     if "training" not in meta:
         raise DataError(
             f'{index}: has no "training" list of {{"{_keys(image_key)}": ..., "{label_key}": ...}} entries'
         )
-    return resolve_datalist(meta["training"], root, image_key, label_key, source=str(index))
+    return resolve_datalist(meta["training"], root, image_key, label_key, source=str(index), others=others)
 
 
 def read_nnunet_datalist(
@@ -119,6 +123,7 @@ def read_datalist_file(
     image_key: str | Sequence[str] = "image",
     label_key: str = "label",
     store: RemoteCache | None = None,
+    others: Sequence[Case] = (),
 ) -> tuple[list[Case], dict[str, Any]]:
     """Cases of a CSV or JSON datalist (paths relative to ``root``, else to the file's folder), and its extra keys.
 
@@ -128,7 +133,7 @@ def read_datalist_file(
     """
     entries, meta, _ = read_entries(path, store, "training", option="data.datalist")
     base = root if root is not None else parent_of(str(path))
-    return resolve_datalist(entries, base, image_key, label_key, source=str(path)), meta
+    return resolve_datalist(entries, base, image_key, label_key, source=str(path), others=others), meta
 
 
 def read_entries(
@@ -169,12 +174,14 @@ def resolve_datalist(
     source: str = "data.datalist",
     require_label: bool = True,
     key_options: str = "data.image_key / data.label_key",
+    others: Sequence[Case] = (),
 ) -> list[Case]:
     """Check a datalist's keys, make its paths absolute (relative ones are taken from ``root``) and name the cases.
 
     ``image_key`` may name several keys (one file per channel): their files become the case's image list.
     Without ``require_label`` (prediction) an entry's label is kept when it has one. Case ids come from
-    ``assign_case_ids``: an entry's ``case_id`` or ``id`` field, else its image path.
+    ``assign_case_ids``: an entry's ``case_id`` or ``id`` field, else its image path (``others``: cases of the
+    same dataset read from another source, whose images take part in choosing how to name these).
     """
     if not isinstance(entries, Sequence) or isinstance(entries, str) or not entries:
         raise DataError(f"{source}: the list of entries is empty or not a list")
@@ -201,11 +208,14 @@ def resolve_datalist(
         if explicit is not None:
             case["case_id"] = str(explicit).strip()
         cases.append(case)
-    return assign_case_ids(cases, source)
+    return assign_case_ids(cases, source, others=others)
 
 
 def assign_case_ids(
-    cases: list[Case], source: str, name_parts: Sequence[Sequence[str]] | None = None
+    cases: list[Case],
+    source: str,
+    name_parts: Sequence[Sequence[str]] | None = None,
+    others: Sequence[Case] = (),
 ) -> list[Case]:
     """Give every case a unique, meaningful ``case_id``, by one rule for the whole dataset; returns ``cases``.
 
@@ -215,14 +225,21 @@ def assign_case_ids(
     trailing run of the image's folders (``.../subj_001/img.nii.gz`` -> ``subj_001``; ``site_a/subj_001`` ->
     ``site_a_subj_001``); else those folders and the file name. ``name_parts`` replaces the image path with the
     parts that name each case (subject folders: the folders matched by the patterns), and only the folder
-    stages apply. Ids are made safe as file names. Two cases with the same image file, or the same id, are a
-    DataError naming both.
+    stages apply. ``others`` are cases of the same dataset from another source (training cases, when naming a
+    validation source): their images take part in choosing the rule, so both sources are named alike. Ids are
+    made safe as file names. Two cases with the same image file, or the same id, are a DataError naming both.
     """
     firsts = [_first_file(case.get(IMAGE)) for case in cases]
+    elsewhere = {_first_file(c.get(IMAGE)) for c in others}
     seen: dict[str, int] = {}
     for index, first in enumerate(firsts):
         if first is None:
             continue
+        if first in elsewhere:
+            raise DataError(
+                f"{source}: entry {index} has the image {first}, which the other source (the training cases) "
+                "has too; a case belongs to one source"
+            )
         if first in seen:
             raise DataError(
                 f"{source}: entries {seen[first]} and {index} both have the image {first}; "
@@ -236,22 +253,28 @@ def assign_case_ids(
                 f"{source}: entry {index} has the id {case_id!r}, which cannot name an output file; "
                 "use an id without slashes that does not start with '.'"
             )
-    derived = [i for i in range(len(cases)) if i not in explicit]
+    # The rule is chosen over every case's image, so that cases named by their own id field do not change how
+    # the others are named; then the others take their names from it.
+    named = [i for i in range(len(cases)) if name_parts is not None or firsts[i] is not None]
     if name_parts is None:
-        parts = [_path_parts(firsts[i]) for i in derived]
-        candidates = _path_candidates(parts, [isinstance(cases[i].get(IMAGE), list) for i in derived])
+        context = [f for f in (_first_file(c.get(IMAGE)) for c in others) if f is not None]
+        paths = [str(firsts[i]) for i in named] + context
+        multi = [isinstance(cases[i].get(IMAGE), list) for i in named]
+        multi += [isinstance(c.get(IMAGE), list) for c in others if _first_file(c.get(IMAGE))]
+        candidates = _path_candidates([_path_parts(p) for p in paths], multi)
     else:
-        candidates = _folder_candidates([list(name_parts[i]) for i in derived])
+        paths = [str(firsts[i] or name_parts[i]) for i in named]
+        candidates = _folder_candidates([list(name_parts[i]) for i in named])
     names = _first_unique(candidates)
     if names is None:
         last = candidates[-1] if candidates else []
         i, j = _first_clash(last)
         raise DataError(
-            f"{source}: {_describe(cases, derived[i], firsts)} and {_describe(cases, derived[j], firsts)} would "
-            f"both be case {last[i]!r}; give them an id field"
+            f"{source}: {paths[i]} and {paths[j]} would both be case {last[i]!r}; give them an id field"
         )
-    ids = dict(explicit)
-    ids.update(zip(derived, names, strict=True))
+    names = names[: len(named)]
+    derived = dict(zip(named, names, strict=True))
+    ids = {**derived, **explicit}
     owner: dict[str, int] = {}
     for index in range(len(cases)):
         case_id = ids[index]

@@ -291,7 +291,7 @@ class SegDataModule(L.LightningDataModule):
                 val_root = self.val_root
                 if val_root is not None and not is_remote(val_root):
                     val_root = str(Path(val_root).expanduser())
-                val = self._read_source(val_root, self.val_datalist)
+                val = self._read_source(val_root, self.val_datalist, others=train.cases)
                 _refuse_shared_ids(train, val, str(self.val_datalist or self.val_root))
                 self._val_ids = {c["case_id"] for c in val.cases} | {c.case_id for c in val.incomplete}
                 cases += val.cases
@@ -299,7 +299,7 @@ class SegDataModule(L.LightningDataModule):
             self._cases, self._incomplete, self._meta = cases, incomplete, train.meta
         return [dict(case) for case in self._cases]
 
-    def _read_source(self, root: Any, datalist: Any) -> SourceCases:
+    def _read_source(self, root: Any, datalist: Any, others: Sequence[Case] = ()) -> SourceCases:
         return read_source(
             root,
             datalist,
@@ -309,6 +309,7 @@ class SegDataModule(L.LightningDataModule):
             image_pattern=self.image_pattern,
             label_pattern=self.label_pattern,
             store=self.remote_cache,
+            others=others,
         )
 
     def dataset_meta(self) -> dict[str, Any]:

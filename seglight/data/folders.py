@@ -171,7 +171,8 @@ def read_folder_cases(
     if not any(matches[: len(images)]):
         if allow_empty:
             return FolderCases([], [])
-        raise DataError(_nothing_matches(root, images[0], files))
+        # Say what the root does hold, deeper down too, so that the pattern can be fixed from the message.
+        raise DataError(_nothing_matches(root, images[0], store.find(root, limit=1000)))
     keys = sorted(wheres)
     entries: list[Case] = []
     problems: list[list[str]] = []

@@ -179,14 +179,15 @@ class RemoteCache:
             raise self._error(str(folder), exc) from None
         return sorted(fs.unstrip_protocol(e["name"]) for e in entries if e.get("type") == "file")
 
-    def find(self, folder: str | Path, max_depth: int | None = None) -> list[str]:
+    def find(self, folder: str | Path, max_depth: int | None = None, limit: int | None = None) -> list[str]:
         """Every file below a local or remote folder, as sorted paths relative to it with ``/`` separators.
 
         Hidden files and folders (a name starting with ``.``) are left out. ``max_depth`` is the most path parts
-        a returned path may have (``subj_001/img.nii.gz`` has 2); ``None`` goes all the way down.
+        a returned path may have (``subj_001/img.nii.gz`` has 2); ``None`` goes all the way down. ``limit`` stops
+        a local search after that many files (some of them, not the first in order).
         """
         if not is_remote(folder):
-            return _find_local(Path(folder).expanduser(), max_depth)
+            return _find_local(Path(folder).expanduser(), max_depth, limit)
         fs, rpath = self._filesystem(str(folder))
         rpath = rpath.rstrip("/")
         try:
@@ -202,7 +203,7 @@ class RemoteCache:
                 continue
             if max_depth is None or len(parts) <= max_depth:
                 found.append(relative)
-        return sorted(found)
+        return sorted(found)[:limit]
 
     # -- fetching ------------------------------------------------------------------------------------------
 
@@ -371,7 +372,7 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
-def _find_local(base: Path, max_depth: int | None) -> list[str]:
+def _find_local(base: Path, max_depth: int | None, limit: int | None = None) -> list[str]:
     """``RemoteCache.find`` for a local folder; symbolic links are followed, each real folder visited once."""
     found: list[str] = []
     visited: set[str] = set()
@@ -386,8 +387,10 @@ def _find_local(base: Path, max_depth: int | None) -> list[str]:
         deeper = max_depth is None or depth + 1 < max_depth
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if deeper else []
         if max_depth is None or depth + 1 <= max_depth:
-            found.extend((relative / f).as_posix() for f in files if not f.startswith("."))
-    return sorted(found)
+            found.extend((relative / f).as_posix() for f in sorted(files) if not f.startswith("."))
+        if limit is not None and len(found) >= limit:
+            break
+    return sorted(found[:limit] if limit is not None else found)
 
 
 def _complete(dest: Path, size: int | None) -> bool:

@@ -48,18 +48,22 @@ def read_source(
     image_pattern: str | Sequence[str] = DEFAULT_IMAGE_PATTERN,
     label_pattern: str = DEFAULT_LABEL_PATTERN,
     store: RemoteCache | None = None,
+    others: Sequence[Case] = (),
 ) -> SourceCases:
     """The cases of a datalist (file or inline, paths relative to ``root``), or of the dataset at ``root``.
 
     ``layout``: ``auto`` reads dataset.json and tells MSD from nnU-Net by its keys; ``msd``, ``nnunet``; ``folder``
-    finds subject folders under ``root`` by ``image_pattern`` and ``label_pattern``.
+    finds subject folders under ``root`` by ``image_pattern`` and ``label_pattern``. ``others``: the cases of
+    another source of the same dataset (the training cases, when reading a validation source), so that cases
+    named by their paths are named alike in both.
     """
     store = store or RemoteCache()
     if isinstance(datalist, str):
-        cases, meta = read_datalist_file(datalist, root, image_key, label_key, store)
+        cases, meta = read_datalist_file(datalist, root, image_key, label_key, store, others)
         return SourceCases(cases, meta)
     if datalist is not None:
-        return SourceCases(resolve_datalist(datalist, root, image_key, label_key), meta_beside(root, store))
+        cases = resolve_datalist(datalist, root, image_key, label_key, others=others)
+        return SourceCases(cases, meta_beside(root, store))
     if root is None:
         raise DataError("no data given: set data.root (or data.datalist)")
     if layout == "folder":
@@ -68,7 +72,7 @@ def read_source(
     meta = read_dataset_json(root, store)
     if (detect_layout(meta) if layout == "auto" else layout) == "nnunet":
         return SourceCases(read_nnunet_datalist(root, store, meta), meta)
-    return SourceCases(read_msd_datalist(root, image_key, label_key, store, meta), meta)
+    return SourceCases(read_msd_datalist(root, image_key, label_key, store, meta, others), meta)
 
 
 def meta_beside(root: str | Path | None, store: RemoteCache | None = None) -> dict[str, Any]:
