@@ -123,11 +123,12 @@ def ground_truth(
             raise DataError(f"gt={gt}: no such file or folder")
     elif not store.exists(text):
         raise DataError(f"gt={gt}: no such object or prefix")
-    if text.lower().endswith((".json", ".csv")) and not text.endswith("dataset.json"):
+    is_index = text.rstrip("/").rsplit("/", 1)[-1] == "dataset.json"
+    if text.lower().endswith((".json", ".csv")) and not is_index:
         cases, meta = read_datalist_file(text, None, image_key, label_key, store)
         names = declared_labels(meta)
-    elif text.endswith("dataset.json") or store.exists(join_path(text, "dataset.json")):
-        root = text.rsplit("/", 1)[0] if text.endswith("dataset.json") else text
+    elif is_index or store.exists(join_path(text, "dataset.json")):
+        root = text.rsplit("/", 1)[0] if is_index else text
         source = read_source(root, layout="auto", image_key=image_key, label_key=label_key, store=store)
         cases, names = source.cases, declared_labels(source.meta)
     elif is_remote(text) or Path(text).is_dir():

@@ -38,7 +38,7 @@ def test_ids_are_the_shortest_part_of_the_path_that_tells_cases_apart() -> None:
         "a_img_repeat",
     ]
     # Ids name output files: anything but letters, digits and ._+- becomes "_".
-    assert ids_of(["scans/Müller, Anna (2)/img.nii.gz", "scans/b/img.nii.gz"]) == ["M_ller_Anna_2", "b"]
+    assert ids_of(["scans/Müller, Anna (2)/img.nii.gz", "scans/b/img.nii.gz"]) == ["Müller_Anna_2", "b"]
 
 
 def test_an_explicit_id_wins_and_clashes_are_one_line_errors() -> None:
@@ -134,6 +134,8 @@ def test_deeper_trees_and_patterns_that_find_nothing(tmp_path: Path) -> None:
         "site_a/subj_001/img.nii.gz, site_a/subj_001/label.nii.gz, site_a/subj_002/img.nii.gz, ...; "
         "set data.image_pattern to match one image per case)"
     )
+    with pytest.raises(ConfigError, match="the same number of wildcard folders"):
+        SegDataModule(root=str(root), layout="folder", image_pattern="*/*/img.nii.gz").read_cases()
     with pytest.raises(ConfigError, match="has no wildcard"):
         SegDataModule(
             root=str(root), layout="folder", image_pattern="site_a/subj_001/img.nii.gz"

@@ -32,7 +32,7 @@ NIFTI_ENDINGS = (".nii.gz", ".nii")
 ID_FIELDS = ("case_id", "id")  # an entry's own name for its case, which always wins
 # nnU-Net's channel suffix: case_0000.nii.gz, case_0001.nii.gz are channels 0 and 1 of the case "case".
 CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
-_UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9._+-]+")
+_UNSAFE_IN_NAMES = re.compile(r"[^\w.+-]+")  # letters of any script stay: ids are for people to read
 
 
 def read_dataset_json(root: str | Path, store: RemoteCache | None = None) -> dict[str, Any]:
@@ -290,7 +290,8 @@ def assign_case_ids(
 
 
 def safe_name(text: str) -> str:
-    """``text`` usable as a file name on any system: runs of other characters become ``_``."""
+    """``text`` usable as a file name on any system: runs of characters other than letters, digits and ``._+-``
+    become ``_``."""
     return _UNSAFE_IN_NAMES.sub("_", text).strip("_").lstrip(".") or "case"
 
 

@@ -140,13 +140,12 @@ def read_folder_cases(
         allow_empty: nothing matching the image pattern gives no cases instead of a DataError.
     """
     store = store or RemoteCache()
-    many = not isinstance(image_pattern, str)
     texts = [image_pattern] if isinstance(image_pattern, str) else list(image_pattern)
+    many = len(texts) > 1  # one file per channel, stacked
     if not texts:
         raise ConfigError(f"{prefix}image_pattern: give at least one pattern")
     images = [
-        compile_pattern(t, f"{prefix}image_pattern" + (f"[{c}]" if len(texts) > 1 else ""))
-        for c, t in enumerate(texts)
+        compile_pattern(t, f"{prefix}image_pattern" + (f"[{c}]" if many else "")) for c, t in enumerate(texts)
     ]
     label = compile_pattern(label_pattern, f"{prefix}label_pattern") if label_pattern else None
     patterns = [*images, *([label] if label else [])]
@@ -154,6 +153,12 @@ def read_folder_cases(
         raise ConfigError(
             f"{prefix}image_pattern and {prefix}label_pattern must both name cases by folder (a wildcard folder) "
             f"or both by file name, got {', '.join(repr(p.text) for p in patterns)}"
+        )
+    levels = {p.kinds.count("folder") for p in patterns if "deep" not in p.kinds}
+    if len(levels) > 1:
+        raise ConfigError(
+            f"{prefix}image_pattern and {prefix}label_pattern must have the same number of wildcard folders, "
+            f"which name the case ({', '.join(repr(p.text) for p in patterns)})"
         )
     if not is_remote(root) and not Path(root).expanduser().is_dir():
         raise DataError(f"{prefix}root {root}: no such folder")
@@ -179,7 +184,7 @@ def read_folder_cases(
     for key in keys:
         issues: list[str] = []
         found_images = [
-            _one(matches[c].get(key, []), pattern, _channel_name(c, len(images), many), issues, required=True)
+            _one(matches[c].get(key, []), pattern, _channel_name(c, many), issues, required=True)
             for c, pattern in enumerate(images)
         ]
         entry: Case = {}
@@ -252,8 +257,8 @@ def _one(found: list[str], pattern: CasePattern, what: str, issues: list[str], r
     return None
 
 
-def _channel_name(channel: int, channels: int, many: bool) -> str:
-    return f"image for channel {channel}" if many and channels > 1 else "image"
+def _channel_name(channel: int, many: bool) -> str:
+    return f"image for channel {channel}" if many else "image"
 
 
 def _nothing_matches(root: str | Path, pattern: CasePattern, files: list[str]) -> str:
