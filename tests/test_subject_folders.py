@@ -16,6 +16,7 @@ import pytest
 from seglight import compose
 from seglight.data.folders import read_folder_cases
 from seglight.data.remote import RemoteCache
+from seglight.errors import DataError
 from seglight.evaluate import evaluate
 from seglight.inference import predict
 from tests.conftest import S3, make_subject_folders, run_cli
@@ -127,6 +128,14 @@ def test_the_lab_datalist_straight_from_s3(
     found = read_folder_cases(url, store=RemoteCache(remote))
     assert [c["case_id"] for c in found.cases] == SUBJECTS and not found.incomplete
     assert found.cases[0]["label"] == f"{url}/subj_000/label.nii.gz"
+    with pytest.raises(
+        DataError, match=r"^s3://no-such-bucket/train: bucket 'no-such-bucket' does not exist at"
+    ):
+        read_folder_cases("s3://no-such-bucket/train", store=RemoteCache(remote))
+    with pytest.raises(
+        DataError, match=r"no file matches data.image_pattern='\*/img.nii.gz' \(nothing is stored"
+    ):
+        read_folder_cases(f"{url}-typo", store=RemoteCache(remote))
     folder_masks = tmp_path / "folder-masks"
     report = predict(
         folder_run / "checkpoints" / "last.ckpt", url, folder_masks, cache_dir=tmp_path, device="cpu"

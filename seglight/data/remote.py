@@ -199,7 +199,7 @@ class RemoteCache:
         for name in names:
             relative = str(name)[len(rpath) :].lstrip("/")
             parts = relative.split("/")
-            if not relative or any(p.startswith(".") for p in parts):
+            if any(not p or p.startswith(".") for p in parts):  # hidden, or a "folder/" marker object
                 continue
             if max_depth is None or len(parts) <= max_depth:
                 found.append(relative)
