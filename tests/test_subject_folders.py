@@ -83,7 +83,13 @@ def test_check_train_predict_and_evaluate_agree_on_the_subject_ids(
     # One mask per subject, each in its own subject's geometry (the subjects differ in size).
     assert shapes(masks) == {s: nib.load(subjects / s / "img.nii.gz").shape for s in SUBJECTS}
 
-    result = run_cli("seglight.evaluate", f"pred={masks}", f"gt={subjects}", cache=cache_dir)
+    result = run_cli(
+        "seglight.evaluate",
+        f"pred={masks}",
+        f"gt={subjects}",
+        f"hydra.run.dir={tmp_path / 'evaluate'}",
+        cache=cache_dir,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     with (masks / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
