@@ -29,10 +29,15 @@ def run(cfg: DictConfig) -> PredictionReport:
         datalist_key=cfg.get("datalist_key"),
         cache_dir=cfg.paths.cache_dir,
         endpoint_url=cfg.get("endpoint_url"),
+        image_pattern=_plain(cfg.get("image_pattern")),
     )
     print(f"Wrote {len(report.written)} mask(s) to {report.output}", flush=True)
     report.raise_for_failures()
     return report
+
+
+def _plain(value: object) -> object:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 _EXAMPLE = "python -m seglight.predict ckpt=<run>/checkpoints/last.ckpt input=<scan.nii.gz or folder> output=<folder>"

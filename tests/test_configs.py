@@ -32,7 +32,7 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_config_option_composes(group: str, option: str, tmp_path: Path) -> None:
     overrides = [f"{group}={option}"]
-    if group == "data" and option in ("msd", "nnunet"):
+    if group == "data" and option in ("msd", "nnunet", "folder"):
         overrides.append(f"data.root={tmp_path}")
     if group == "data" and option == "datalist":
         overrides.append(f"data.datalist={tmp_path / 'train.csv'}")
