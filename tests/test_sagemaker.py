@@ -32,7 +32,14 @@ from seglight.errors import ConfigError, DataError
 from seglight.sagemaker.environment import SageMakerEnvironment
 from seglight.sagemaker.hyperparameters import parse_arguments
 from seglight.sagemaker.job import job_overrides
-from tests.conftest import REPO, make_msd_dataset, run_cli, tensorboard_scalars, write_nifti
+from tests.conftest import (
+    REPO,
+    make_msd_dataset,
+    make_subject_folders,
+    run_cli,
+    tensorboard_scalars,
+    write_nifti,
+)
 
 TOOLKIT_TRAIN = Path(sys.executable).with_name("train")  # sagemaker-training's console script
 SOURCE_DIR = REPO / "sagemaker"
@@ -155,10 +162,13 @@ class LabJob:
 
 @pytest.fixture(scope="module")
 def lab_job(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> LabJob:
-    """The lab's job on an MSD dataset (3 epochs), then restarted with the checkpoints kept and 4 epochs."""
+    """The lab's job on its subject folders (3 epochs), then restarted with the checkpoints kept and 4 epochs."""
     root = tmp_path_factory.mktemp("sagemaker")
-    data = make_msd_dataset(root / "data", num_cases=5, shape=(24, 24, 16))
-    base = sagemaker_job(root / "job", {**LAB, **TINY}, {"training": data})
+    # The lab's S3 prefix: one folder per subject, every subject's files named alike; labels named by hand.
+    training = make_subject_folders(root / "processed", [f"subj_{i:03d}" for i in range(4)])
+    validation = make_subject_folders(root / "validation", ["subj_100", "subj_101"])
+    hyperparameters = {**LAB, **TINY, "data.labels": {"0": "background", "1": "organ"}}
+    base = sagemaker_job(root / "job", hyperparameters, {"training": training, "validation": validation})
     first = run_job(base, cache_dir)
     assert first.returncode == 0, first.stderr[-3000:]
     first_last = torch.load(base / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -175,11 +185,13 @@ def test_first_job_leaves_its_outputs_where_sagemaker_collects_them(lab_job: Lab
     base, first = lab_job.base.parent / "first-output", lab_job.first
     # The lab's hyperparameters as seglight options; amp=True asks for 16-bit, which the CPU turns down.
     assert "trainer.max_epochs=3" in first.stdout and "trainer.precision=16-mixed" in first.stdout
-    assert "model=segresnet" in first.stdout and "data=msd" in first.stdout
+    assert "model=segresnet" in first.stdout and "data=folder" in first.stdout
     # Run folder -> SM_OUTPUT_DATA_DIR (output.tar.gz); the toolkit reported success.
     for name in (".hydra/config.yaml", "split.json", "summary.json", "progress.png", "train.log"):
         assert (base / "data" / name).is_file(), name
     assert (base / "success").exists() and not (base / "failure").exists()
+    split = json.loads((base / "data" / "split.json").read_text())  # cases named after their folders
+    assert split["train"] == [f"subj_{i:03d}" for i in range(4)] and split["val"] == ["subj_100", "subj_101"]
     summary = json.loads((base / "data" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs"] == 3 and summary["best_epoch"] == 1
     # TensorBoard event files -> SM_OUTPUT_DIR/tensorboard, read back with TensorBoard's reader.
@@ -190,7 +202,7 @@ def test_first_job_leaves_its_outputs_where_sagemaker_collects_them(lab_job: Lab
     # The model file: the best checkpoint's weights with the composed config, labels and preprocessing.
     model = lab_job.first_model
     assert model["epoch"] == 1 and "optimizer_states" not in model
-    assert model["hyper_parameters"]["label_names"] == {0: "background", 1: "cube"}
+    assert model["hyper_parameters"]["label_names"] == {0: "background", 1: "organ"}
     assert model["datamodule_hyper_parameters"]["spatial_size"] == [16, 16, 16]
     config = model["config"]
     assert config["trainer"]["max_epochs"] == 3 and config["optimizer"]["lr"] == 1e-3
@@ -223,7 +235,7 @@ def test_model_file_predicts_from_a_downloaded_model_tar_gz(
     downloaded = tmp_path / "downloaded"
     with tarfile.open(archive) as tar:
         tar.extractall(downloaded, filter="data")
-    scan = lab_job.base / "input" / "data" / "training" / "imagesTr" / "case_0.nii.gz"
+    scan = lab_job.base / "input" / "data" / "validation" / "subj_101" / "img.nii.gz"
     result = run_cli(
         "seglight.predict",
         f"ckpt={downloaded / 'model.ckpt'}",
@@ -232,7 +244,7 @@ def test_model_file_predicts_from_a_downloaded_model_tar_gz(
         cache=cache_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    mask = nib.load(tmp_path / "masks" / "case_0.nii.gz")
+    mask = nib.load(tmp_path / "masks" / "img.nii.gz")
     assert mask.shape == nib.load(scan).shape
 
 
@@ -386,6 +398,19 @@ def test_channel_layouts_are_detected(tmp_path: Path) -> None:
     assert overrides_for(["--data.datalist", "val.json"], tmp_path, {"training": lab})[
         "data.datalist"
     ] == str(lab / "val.json")
+    # Subject folders: seglight's default file names, or two names common to every folder, one saying "seg".
+    subjects = make_subject_folders(tmp_path / "subjects", ["subj_000", "subj_001"])
+    got = overrides_for([], tmp_path, {"training": subjects, "validation": subjects})
+    assert (got["data"], got["data.root"], got["data.val_root"]) == ("folder", str(subjects), str(subjects))
+    assert "data.image_pattern" not in got
+    files = {"image": "ct.nii.gz", "label": "ct_seg.nii.gz"}
+    renamed = make_subject_folders(tmp_path / "renamed", ["a", "b"], files)
+    got = overrides_for([], tmp_path, {"training": renamed})
+    assert (got["data.image_pattern"], got["data.label_pattern"]) == ("*/ct.nii.gz", "*/ct_seg.nii.gz")
+    with pytest.raises(
+        ConfigError, match=r"validation channel .* holds a datalist but the training channel a folder"
+    ):
+        overrides_for(["--data.datalist", "x"], tmp_path, {"training": subjects, "validation": lab})
     junk = tmp_path / "junk"
     (junk / "notes").mkdir(parents=True)
     (junk / "readme.txt").write_text("x")
