@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from seglight.run_folder import register_resolvers
+
 __version__ = "0.1.0"
 __all__ = ["SegDataModule", "SegModule", "build", "compose"]
 
@@ -20,6 +22,9 @@ _LAZY = {
     "build": "seglight.builder",
     "compose": "seglight.builder",
 }
+
+# Before any config is composed: run folders are named by ${seglight.run_name:} (see seglight.run_folder).
+register_resolvers()
 
 
 def __getattr__(name: str) -> Any:

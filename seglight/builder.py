@@ -17,7 +17,9 @@ from lightning.fabric.plugins import CheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seglight.checkpointing import AtomicCheckpointIO
+from seglight.data.datamodule import SegDataModule
 from seglight.data.transforms import oriented_geometry
+from seglight.distributed import cluster_plugins
 from seglight.errors import ConfigError
 from seglight.module import SegModule
 from seglight.networks import class_name, resolve_network_config
@@ -50,7 +52,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SegModule, L.Trainer]
     """Instantiate the data module, the module and the trainer that ``cfg`` describes."""
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg, datamodule)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, datamodule)
     return datamodule, module, trainer
 
 
@@ -118,13 +120,19 @@ def network_input_spacing(datamodule: L.LightningDataModule) -> list[float] | No
     return [s * n / m for s, n, m in zip(spacing, shape, datamodule.spatial_size, strict=True)]
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Lightning Trainer with the configured callbacks and loggers, on the CPU if CUDA is absent."""
+def build_trainer(cfg: DictConfig, datamodule: L.LightningDataModule | None = None) -> L.Trainer:
+    """The Lightning Trainer with the configured callbacks and loggers, on the CPU if CUDA is absent.
+
+    With seglight's data module, Lightning does not add its DistributedSampler: the data module's loaders give
+    each process its share themselves (and pad nothing in validation). Other data modules keep Lightning's.
+    """
     trainer_cfg = fall_back_to_cpu(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if isinstance(datamodule, SegDataModule):
+        trainer_cfg["use_distributed_sampler"] = False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg and "_target_" in lg]
     # Checkpoints are written to a temporary name and renamed: a kill mid-write never truncates last.ckpt.
-    plugins = list(trainer_cfg.pop("plugins", None) or [])
+    plugins = list(trainer_cfg.pop("plugins", None) or []) + cluster_plugins()
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     try:
@@ -134,15 +142,53 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 
 
 def fall_back_to_cpu(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-    """Swap a GPU trainer config for the CPU at 32-bit when CUDA is not available, with a one-line notice."""
+    """Swap a GPU trainer config for the CPU at 32-bit when CUDA is not available, with a one-line notice.
+
+    A data-parallel config (``trainer=ddp``) stays data-parallel: ``trainer.devices`` CPU processes that talk
+    over gloo, as the tests and a laptop rehearsal of a cluster run need. FSDP cannot run on the CPU (Lightning
+    refuses it): a ConfigError says so.
+    """
     cfg = dict(trainer_cfg)
     accelerator = str(cfg.get("accelerator", "auto")).lower()
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        log.warning("No CUDA GPU found: training on the CPU at 32-bit precision (trainer.accelerator=cpu).")
-        cfg.update(accelerator="cpu", devices=1, precision="32")
-        cfg.pop("strategy", None)
-        cfg.pop("sync_batchnorm", None)
+    wants_gpu = accelerator in ("gpu", "cuda")
+    if is_fsdp(cfg.get("strategy")) and (accelerator == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError(
+            "trainer=fsdp needs CUDA GPUs (Lightning's FSDP does not run on the CPU); on this machine use "
+            "trainer=ddp, or trainer=cpu"
+        )
+    if wants_gpu and not torch.cuda.is_available():
+        cfg.update(accelerator="cpu", precision="32")
+        if is_data_parallel(cfg.get("strategy")):
+            log.warning(
+                "No CUDA GPU found: data-parallel training in %s CPU process(es) over gloo at 32-bit precision.",
+                cfg.get("devices", 1),
+            )
+            if cfg.pop("sync_batchnorm", None):
+                log.info("SyncBatchNorm needs GPUs: each CPU process keeps its own BatchNorm statistics.")
+        else:
+            log.warning(
+                "No CUDA GPU found: training on the CPU at 32-bit precision (trainer.accelerator=cpu)."
+            )
+            cfg["devices"] = 1
+            cfg.pop("strategy", None)
+            cfg.pop("sync_batchnorm", None)
     elif accelerator == "cpu" and str(cfg.get("precision", "32")).startswith("16"):
         log.warning("16-bit mixed precision needs a GPU: training on the CPU at 32-bit precision instead.")
         cfg["precision"] = "32"
     return cfg
+
+
+def _strategy_name(strategy: Any) -> str:
+    if isinstance(strategy, dict):
+        return str(strategy.get("_target_", "")).lower()
+    return str(type(strategy).__name__ if not isinstance(strategy, str) else strategy).lower()
+
+
+def is_fsdp(strategy: Any) -> bool:
+    """Whether a trainer's ``strategy`` (a name, a ``_target_`` config or an object) is FSDP."""
+    return strategy is not None and "fsdp" in _strategy_name(strategy)
+
+
+def is_data_parallel(strategy: Any) -> bool:
+    """Whether a trainer's ``strategy`` runs several processes (DDP in any of its forms, or FSDP)."""
+    return strategy is not None and any(k in _strategy_name(strategy) for k in ("ddp", "fsdp"))

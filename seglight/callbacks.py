@@ -23,6 +23,7 @@ from monai.transforms import Compose, Randomizable, Transform
 from torch.utils.data import DataLoader
 
 from seglight.checkpointing import checkpoint_dir
+from seglight.data.sampling import uses_seeded_sampling
 from seglight.errors import ConfigError, SeglightError
 
 log = logging.getLogger("seglight")
@@ -170,10 +171,13 @@ class RNGState(Callback):
     """Save every random state a training run draws from in each checkpoint, and restore it on resume.
 
     Lightning restores weights, optimizer, scheduler, scaler and loop counters, but not random states: without
-    this callback a resumed run sees other shuffles, augmentations and dropout masks than an uninterrupted one.
-    Saved: Python, NumPy, torch (CPU and CUDA) and each MONAI random transform of the training data (each keeps
-    its own ``R``). With ``data.num_workers=0`` a run resumed at an epoch boundary is bit-identical on the CPU;
-    with workers, the workers are reseeded from the restored state (reproducible, not identical).
+    this callback a resumed run draws other dropout masks than an uninterrupted one. Saved: Python, NumPy and
+    torch (CPU and CUDA). seglight's own training loaders need nothing more: their order and augmentation are a
+    function of (seed, epoch, rank, position) and their position is saved by Lightning (see
+    ``seglight.data.sampling``), so on the CPU a run resumed at any step, with or without loader workers, ends
+    with the same weights as one that was never stopped. For other loaders, each MONAI random transform's own
+    state is saved too (exact with ``num_workers=0`` at epoch boundaries; workers are reseeded from the
+    restored state: reproducible, not identical). On GPUs, cuDNN's and atomics' non-determinism remains.
     """
 
     def __init__(self) -> None:
@@ -207,12 +211,15 @@ class RNGState(Callback):
 
 
 def train_loaders(trainer: L.Trainer) -> list[DataLoader]:
-    """The training DataLoaders the trainer iterates (empty before ``fit`` has set them up)."""
+    """The training DataLoaders whose transforms keep their own random state (empty before ``fit`` set them up).
+
+    seglight's loaders re-seed their transforms for every sample, so their states need no saving.
+    """
     try:
         loaders = trainer.train_dataloader
     except Exception:
         return []
-    return list(_flatten_loaders(loaders))
+    return [loader for loader in _flatten_loaders(loaders) if not uses_seeded_sampling(loader)]
 
 
 def _flatten_loaders(obj: Any) -> Iterator[DataLoader]:

@@ -29,6 +29,10 @@ log = logging.getLogger("seglight")
 PARTIAL_SUFFIX = ".partial"
 # Lightning names the last checkpoint last.ckpt, or last-v1.ckpt, ... when a file of that name already exists.
 LAST_PATTERN = re.compile(r"^last(-v?\d+)?\.ckpt$")
+# On SLURM's SIGUSR1 (auto-requeue), Lightning saves hpc_ckpt_<n>.ckpt in the trainer's default_root_dir.
+HPC_PATTERN = re.compile(r"^hpc_ckpt_\d+\.ckpt$")
+# FSDP's sharded checkpoints are folders: this file holds their loop state, next to one file of shards per rank.
+SHARDED_META = "meta.pt"
 # What a Lightning checkpoint written by Trainer.fit holds, beyond the weights, to continue training.
 TRAINING_STATE_KEYS = ("epoch", "global_step", "loops", "optimizer_states")
 
@@ -97,29 +101,58 @@ def checkpoint_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.default_root_dir) / "checkpoints"
 
 
-def find_last_checkpoint(folder: str | Path) -> Path | None:
-    """The newest ``last*.ckpt`` in ``folder`` (Lightning's ``last.ckpt``, ``last-v1.ckpt``, ...), if any."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    candidates = [p for p in folder.iterdir() if p.is_file() and LAST_PATTERN.match(p.name)]
-    return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and (path / SHARDED_META).is_file())
+
+
+def find_last_checkpoint(folder: str | Path, hpc_folder: str | Path | None = None) -> Path | None:
+    """The latest checkpoint to continue from: ``last*.ckpt`` in ``folder``, or ``hpc_ckpt_<n>.ckpt`` in ``hpc_folder``.
+
+    Lightning's ``last.ckpt`` (``last-v1.ckpt``, ...) and the ``hpc_ckpt_<n>.ckpt`` it writes on SLURM's
+    auto-requeue signal compete: the one that saved more training steps wins, the newer file on a tie. FSDP's
+    sharded checkpoints (folders) count too.
+    """
+    candidates = []
+    for where, pattern in ((folder, LAST_PATTERN), (hpc_folder, HPC_PATTERN)):
+        if where is not None and Path(where).is_dir():
+            candidates += [p for p in Path(where).iterdir() if pattern.match(p.name) and _is_checkpoint(p)]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    return max(candidates, key=lambda p: (_saved_step(p), p.stat().st_mtime_ns))
+
+
+def _saved_step(path: Path) -> int:
+    """The global step a checkpoint was saved at (-1 if unreadable), read cheaply (memory-mapped)."""
+    try:
+        target = path / SHARDED_META if path.is_dir() else path
+        return int(torch.load(target, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+    except Exception:
+        return -1
 
 
 def resolve_checkpoint(
-    ckpt_path: str | None, resume: bool, checkpoint_dir: str | Path, module: nn.Module | None = None
+    ckpt_path: str | None,
+    resume: bool,
+    checkpoint_dir: str | Path,
+    module: nn.Module | None = None,
+    run_dir: str | Path | None = None,
+    clean_up: bool = True,
 ) -> str | None:
     """The checkpoint a run continues from, checked, or None for a fresh start.
 
     ``ckpt_path`` may be a file, a run folder (its newest ``last.ckpt``), or ``last``: the newest ``last.ckpt``
     in ``checkpoint_dir``, this run's own checkpoint folder. ``resume=true`` means ``last`` when such a file
     exists and a fresh start when it does not, so one command line serves the first start and every restart.
+    Lightning's SLURM auto-requeue checkpoints, ``hpc_ckpt_<n>.ckpt`` in ``run_dir``, are candidates too: the
+    one with the most training steps is taken. ``clean_up`` removes what a killed write left (one process of a
+    run does it).
     """
-    remove_partial_checkpoints(checkpoint_dir)
+    if clean_up:
+        remove_partial_checkpoints(checkpoint_dir)
     if ckpt_path in (None, ""):
         if not resume:
             return None
-        found = find_last_checkpoint(checkpoint_dir)
+        found = find_last_checkpoint(checkpoint_dir, run_dir)
         if found is None:
             log.info("resume=true: no last.ckpt in %s yet, so this is a fresh start.", checkpoint_dir)
             return None
@@ -127,7 +160,7 @@ def resolve_checkpoint(
         return check_checkpoint(found, module, option="resume=true")
     text = str(ckpt_path)
     if text == "last":
-        found = find_last_checkpoint(checkpoint_dir)
+        found = find_last_checkpoint(checkpoint_dir, run_dir)
         if found is None:
             raise ConfigError(
                 f"ckpt_path=last: no last.ckpt in {checkpoint_dir}. To continue a run, rerun in its folder "
@@ -135,14 +168,14 @@ def resolve_checkpoint(
             )
         return check_checkpoint(found, module, option="ckpt_path=last")
     path = Path(text).expanduser()
-    if path.is_dir():
-        found = find_last_checkpoint(path / "checkpoints") or find_last_checkpoint(path)
+    if path.is_dir() and not _is_checkpoint(path):
+        found = find_last_checkpoint(path / "checkpoints", path) or find_last_checkpoint(path)
         if found is None:
             raise ConfigError(
                 f"ckpt_path={ckpt_path}: a folder without a last.ckpt (nor checkpoints/last.ckpt)"
             )
         path = found
-    if not path.is_file():
+    if not _is_checkpoint(path):
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     return check_checkpoint(path, module, option=f"ckpt_path={ckpt_path}")
 
@@ -155,6 +188,8 @@ def check_checkpoint(path: str | Path, module: nn.Module | None = None, option: 
     """
     option = option or f"ckpt_path={path}"
     subject = option if str(path) in option else f"{option} ({path})"
+    if Path(path).is_dir():
+        return _check_sharded_checkpoint(Path(path), subject)
     try:
         # mmap: only the index is read now; tensors stay on disk, so checking a large checkpoint is cheap.
         # weights_only: a file that is not a checkpoint cannot run code while we look at it.
@@ -184,6 +219,22 @@ def check_checkpoint(path: str | Path, module: nn.Module | None = None, option: 
                 f"{subject}: saved from a different network ({target}; {mismatch}); continue it with the "
                 "model options it was trained with (its run folder's .hydra/config.yaml)"
             )
+    return str(path)
+
+
+def _check_sharded_checkpoint(path: Path, subject: str) -> str:
+    """An FSDP sharded checkpoint folder: its loop state must be readable (the shards are read by FSDP itself)."""
+    try:
+        meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(
+            f"{subject}: a sharded checkpoint folder whose {SHARDED_META} is not readable ({_first_line(exc)})"
+        ) from None
+    missing = [key for key in ("epoch", "global_step", "loops") if key not in meta]
+    if missing:
+        raise ConfigError(
+            f"{subject}: a sharded checkpoint folder without training state ({', '.join(missing)})"
+        )
     return str(path)
 
 

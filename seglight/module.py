@@ -17,6 +17,7 @@ from monai.networks.utils import one_hot
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from seglight.data.sampling import PADDING
 from seglight.errors import ConfigError, DataError
 from seglight.metrics import HD95Metric, image_spacing, per_class_means
 from seglight.networks import AUTO, apply_options, network_arguments, split_options
@@ -114,6 +115,8 @@ class SegModule(L.LightningModule):
             else None
         )
         self._warned: set[str] = set()
+        # Per-case values of this process's validation cases, in the order it scores them ("loss", metric names).
+        self._val_rows: dict[str, list[torch.Tensor]] = {}
 
     @property
     def num_parameters(self) -> int:
@@ -156,42 +159,64 @@ class SegModule(L.LightningModule):
         if self.current_epoch == 0:  # every case passes once; later epochs see the same label values
             self.check_label_values(label, batch)
         loss = self.loss_fn(self(image), as_float_label(label))
-        self.log("Loss/train", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
+        # sync_dist: averaged over the processes once per epoch (they all take the same number of steps).
+        self.log(
+            "Loss/train",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=image.shape[0],
+            sync_dist=True,
+        )
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if PADDING in batch:
+            return  # a placeholder that evens out the processes' validation steps: nothing to score
         image, label = batch["image"], batch["label"]
         self.check_label_values(label, batch)
         logits = self.infer(image)
         label = as_float_label(label.to(logits.device))  # the stitched output may live on the CPU
-        self.log(
-            "Loss/val", self.loss_fn(logits, label), on_step=False, on_epoch=True, batch_size=image.shape[0]
-        )
+        loss = self.loss_fn(logits, label)
+        self._record("loss", loss.detach().reshape(1, 1).expand(image.shape[0], 1))
         prediction, target = self.binarize(logits), self.one_hot(label)
-        self.dice(prediction, target)
+        # Each metric call returns the batch's per-case values; they are kept here rather than in the metric's
+        # buffer, which MONAI would gather across processes on its own (and wait for processes without cases).
+        self._record("dice", self.dice(prediction, target))
         if self.hd95 is not None or self.nsd is not None:
             spacing = image_spacing(image)  # mm, from the affine after the deterministic transforms
             prediction, target = prediction.cpu(), target.cpu()
             if self.hd95 is not None:
-                self.hd95(prediction, target, spacing=spacing)
+                self._record("hd95", self.hd95(prediction, target, spacing=spacing))
             if self.nsd is not None:
-                self.nsd(prediction, target, spacing=spacing)
+                self._record("nsd", self.nsd(prediction, target, spacing=spacing))
+
+    def _record(self, name: str, values: torch.Tensor) -> None:
+        self._val_rows.setdefault(name, []).append(values.detach().float().cpu())
 
     def on_validation_epoch_end(self) -> None:
-        dice, per_class = per_class_means(self._gathered(self.dice))
-        self.dice.reset()
+        # Every process gathers every case's values in the same order, so all log the same numbers and the
+        # reductions run exactly as on one process. Each process takes part even with nothing of its own.
+        rows, self._val_rows = self._val_rows, {}
+        for metric in (self.dice, self.hd95, self.nsd):
+            if metric is not None:
+                metric.reset()
+        losses = self._gather_rows(rows.get("loss"), 1)
+        if losses is not None:
+            self._log_gathered("Loss/val", float(losses.double().mean()))
+        dice, per_class = per_class_means(self._gather_rows(rows.get("dice"), self.num_classes - 1))
         # As MONAI's DiceMetric reports it: 0 when no validation case has any foreground.
-        self.log("Dice/val", dice if dice is not None else 0.0, prog_bar=True)
+        self._log_gathered("Dice/val", dice if dice is not None else 0.0, prog_bar=True)
         self._log_per_class("Dice/val", per_class)
-        for name, metric in (("HD95/val", self.hd95), ("NSD/val", self.nsd)):
+        for name, key, metric in (("HD95/val", "hd95", self.hd95), ("NSD/val", "nsd", self.nsd)):
             if metric is None:
                 continue
-            mean, per_class = per_class_means(self._gathered(metric))
-            metric.reset()
+            mean, per_class = per_class_means(self._gather_rows(rows.get(key), self.num_classes - 1))
             if mean is None:
                 self._warn_once(name, f"{name} not logged: no validation case has any foreground to measure")
             else:
-                self.log(name, mean)
+                self._log_gathered(name, mean)
             self._log_per_class(name, per_class)
 
     def _log_per_class(self, name: str, values: list[float | None]) -> None:
@@ -202,16 +227,33 @@ class SegModule(L.LightningModule):
                     f"{name}/{class_name} not logged: no validation case has '{class_name}' to measure it on",
                 )
             else:
-                self.log(f"{name}/{class_name}", value)
+                self._log_gathered(f"{name}/{class_name}", value)
 
-    def _gathered(self, metric: Any) -> torch.Tensor | None:
-        """The metric's per-case values from every process, so all ranks log the same numbers."""
-        buffer = metric.get_buffer()
-        if not isinstance(buffer, torch.Tensor) or buffer.numel() == 0:
-            return None
-        if self.trainer.world_size > 1:
-            buffer = self.all_gather(buffer.to(self.device)).reshape(-1, buffer.shape[-1])
-        return buffer
+    def _log_gathered(self, name: str, value: float, **kwargs: Any) -> None:
+        """Log a value that every process computed alike from the gathered cases.
+
+        ``max`` over identical values leaves them as they are; ``sync_dist`` only tells Lightning they are
+        already the values of all processes (it would otherwise warn that they might not be).
+        """
+        self.log(name, value, sync_dist=True, reduce_fx="max", **kwargs)
+
+    def _gather_rows(self, parts: list[torch.Tensor] | None, width: int) -> torch.Tensor | None:
+        """Per-case rows ``(cases, width)`` of every process, concatenated in rank order; None if there are none.
+
+        Each process scores one contiguous block of the validation cases, so rank order is the cases' order.
+        Processes may hold different numbers of rows (none at all, too): they pad to the longest with NaN for the
+        collective, and the padding is cut off after.
+        """
+        rows = torch.cat([p.reshape(-1, width) for p in parts]) if parts else torch.empty(0, width)
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return rows if rows.numel() else None
+        rows = rows.to(self.device)
+        counts = self.all_gather(torch.tensor(rows.shape[0], device=self.device)).reshape(-1).tolist()
+        padded = torch.full((max(max(counts), 1), width), float("nan"), device=self.device)
+        padded[: rows.shape[0]] = rows
+        gathered = self.all_gather(padded).reshape(len(counts), -1, width)
+        merged = torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)])
+        return merged if merged.numel() else None
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned and not self.trainer.sanity_checking and self.trainer.is_global_zero:

@@ -13,10 +13,11 @@ from omegaconf import DictConfig
 
 from seglight.builder import build
 from seglight.checkpointing import checkpoint_dir, resolve_checkpoint
+from seglight.distributed import join_run, resume_requested, stop_unless_launchable
 from seglight.errors import reported_errors
 from seglight.evaluate import evaluate_after_training
 from seglight.report import describe_model, write_run_info, write_summary
-from seglight.sweep import run_job
+from seglight.sweep import is_multirun, run_job
 
 log = logging.getLogger("seglight")
 
@@ -24,10 +25,17 @@ log = logging.getLogger("seglight")
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured model on the configured data; returns the run summary (best Dice, checkpoints)."""
     started = time.monotonic()
+    join_run()  # one of several processes: find the others, and leave the reporting to rank 0
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
+    stop_unless_launchable(trainer, is_multirun())
     ckpt_path = resolve_checkpoint(
-        cfg.get("ckpt_path"), cfg.get("resume", False), checkpoint_dir(trainer), module
+        cfg.get("ckpt_path"),
+        resume_requested(cfg.get("resume", False), cfg.get("ckpt_path")),
+        checkpoint_dir(trainer),
+        module,
+        run_dir=trainer.default_root_dir,
+        clean_up=trainer.is_global_zero,
     )
     if trainer.is_global_zero:
         write_run_info(cfg, cfg.paths.output_dir, resumed_from=ckpt_path)
@@ -39,8 +47,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_summary(trainer, cfg.paths.output_dir, "interrupted", time.monotonic() - started)
         raise
     # Steps after fitting (e.g. evaluation on a test split) belong here, before the summary that reports them.
-    if cfg.get("test"):
-        # Predict the held-out cases with the best checkpoint and score them into <run>/test/.
+    if cfg.get("test") and trainer.is_global_zero:
+        # Predict the held-out cases with the best checkpoint and score them into <run>/test/ (rank 0 alone).
         evaluate_after_training(trainer, datamodule, cfg.paths.output_dir)
     return write_summary(trainer, cfg.paths.output_dir, "completed", time.monotonic() - started)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from monai import transforms as mt
 from monai.data import DataLoader, Dataset, ThreadDataLoader
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -33,6 +34,14 @@ from seglight.data.datalists import (
 )
 from seglight.data.demo import demo_root, ensure_demo_dataset
 from seglight.data.remote import RemoteCache, default_cache_dir, is_remote, localize_paths
+from seglight.data.sampling import (
+    ValidationShard,
+    distributed_ranks,
+    gather_objects,
+    partition,
+    shard,
+    training_loader,
+)
 from seglight.data.splits import holdout_split, load_or_create_folds
 from seglight.data.transforms import (
     deterministic_transforms,
@@ -96,6 +105,12 @@ class SegDataModule(L.LightningDataModule):
         pos_neg_ratio: patch mode: foreground-centred : background-centred patches (``RandCropByPosNegLabeld``).
         class_ratios: patch mode: per-class centre ratios, background first (``RandCropByLabelClassesd``);
             replaces ``pos_neg_ratio`` when given.
+        seed: the training order and augmentation are a function of (seed, epoch, process rank, position), and
+            each process's share of the training cases a function of the seed (see ``seglight.data.sampling``).
+
+    Under torch.distributed (DDP, FSDP) each process caches and trains on its own share of the training cases
+    and scores one contiguous block of the validation cases; the split and the list of skipped cases are
+    written by global rank 0 only.
     """
 
     def __init__(
@@ -130,6 +145,7 @@ class SegDataModule(L.LightningDataModule):
         num_samples: int = 1,
         pos_neg_ratio: Sequence[float] = (1.0, 1.0),
         class_ratios: Sequence[float] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         # Saved into checkpoints (as datamodule_hyper_parameters) so prediction can rebuild the same preprocessing.
@@ -173,11 +189,17 @@ class SegDataModule(L.LightningDataModule):
         self.num_samples = int(num_samples)
         self.pos_neg_ratio = _floats(pos_neg_ratio)
         self.class_ratios = _floats(class_ratios)
+        self.seed = int(seed)
         self._validate_options()
         self.train_cases: list[Case] = []
         self.val_cases: list[Case] = []
         self.train_ds: Dataset | None = None
         self.val_ds: Dataset | None = None
+        # The (rank, world size) the datasets were built for, and how many samples each rank draws per epoch
+        # (training: the largest share, the others pad to it) or scores (validation: the largest block).
+        self._built_for: tuple[int, int] | None = None
+        self._train_length = 0
+        self._val_length = 0
 
     def _validate_options(self) -> None:
         if self.root is None and self.datalist is None and self.demo is None:
@@ -386,8 +408,12 @@ class SegDataModule(L.LightningDataModule):
     # -- split and datasets --------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        """Read, fetch and check the cases (the fast check), split them, and build the datasets."""
-        if self.train_ds is not None:
+        """Read, fetch and check the cases (the fast check), split them, and build the datasets.
+
+        Under torch.distributed, each rank builds (and caches) only its own share of the cases.
+        """
+        rank, world = distributed_ranks(self.trainer)
+        if self.train_ds is not None and self._built_for == (rank, world):
             return
         if self.demo is not None:
             ensure_demo_dataset(**self.demo)  # also for direct use without prepare_data (notebooks, tests)
@@ -404,10 +430,32 @@ class SegDataModule(L.LightningDataModule):
         good_ids = {case["case_id"] for case in good}
         self.train_cases = [c for c in train if c["case_id"] in good_ids]
         self.val_cases = [c for c in val if c["case_id"] in good_ids]
+        if len(self.train_cases) < world:
+            raise ConfigError(
+                f"{len(self.train_cases)} training cases for {world} processes: each process trains on its own "
+                f"share and needs at least one; use at most {len(self.train_cases)} devices (trainer.devices x "
+                "trainer.num_nodes)"
+            )
+        shares = partition(len(self.train_cases), world, self.seed)
+        blocks = [shard(len(self.val_cases), world, r) for r in range(world)]
         self._failed = {}
-        self.train_ds = self._dataset(self.train_cases, train=True)
-        self.val_ds = self._dataset(self.val_cases, train=False)
+        self.train_ds = self._dataset([self.train_cases[i] for i in shares[rank]], train=True)
+        self.val_ds = self._dataset([self.val_cases[i] for i in blocks[rank]], train=False)
+        if world > 1:  # each rank preprocessed its own cases: all must agree on which failed
+            self._failed = {k: v for failed in gather_objects(self._failed) for k, v in failed.items()}
+        train_ids = [c["case_id"] for c in self.train_cases]
+        val_ids = [c["case_id"] for c in self.val_cases]
         self._handle_failed_cases()
+        train_sizes = [sum(train_ids[i] not in self._failed for i in share) for share in shares]
+        if min(train_sizes) == 0:
+            self.train_ds = self.val_ds = None
+            raise DataError(
+                f"after leaving out {len(self._failed)} bad case(s), a process has no training case left "
+                f"(cases per process: {train_sizes}); use fewer devices or fix the cases"
+            )
+        self._train_length = max(train_sizes)
+        self._val_length = max(sum(val_ids[i] not in self._failed for i in block) for block in blocks)
+        self._built_for = (rank, world)
 
     def _handle_failed_cases(self) -> None:
         """Cases that failed to preprocess: refuse to train (``error``) or leave them out (``skip``), recorded."""
@@ -424,7 +472,7 @@ class SegDataModule(L.LightningDataModule):
         self.val_cases = [c for c in self.val_cases if c["case_id"] not in self._failed]
         if self.on_bad_case != "skip":
             return
-        if self.skipped_path:
+        if self.skipped_path and self._writes_files():
             record = {"on_bad_case": "skip", "skipped": self.skipped}
             atomic_write_text(Path(self.skipped_path), json.dumps(record, indent=2))
         if self.skipped:
@@ -465,10 +513,14 @@ class SegDataModule(L.LightningDataModule):
                 saved if saved is not None else holdout_split(by_id, self.val_fraction, self.split_seed)
             )
             record.update(val_fraction=self.val_fraction)
-        if self.split_path:
+        if self.split_path and self._writes_files():
             record.update(train=list(train_ids), val=list(val_ids))
             atomic_write_text(Path(self.split_path), json.dumps(record, indent=2))
         return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+    def _writes_files(self) -> bool:
+        """Whether this process writes the run folder's files: always alone, global rank 0 under DDP."""
+        return self.trainer is None or self.trainer.is_global_zero
 
     def _saved_split(self, ids: set[str]) -> tuple[list[str], list[str]] | None:
         if not self.split_path or not Path(self.split_path).is_file():
@@ -574,31 +626,54 @@ class SegDataModule(L.LightningDataModule):
     # -- loaders -------------------------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_ds, shuffle=True)
+        """This rank's training batches: its share of the cases in a seeded order, resumable mid-epoch."""
+        if self.train_ds is None:
+            raise RuntimeError("SegDataModule.setup() must run before the loaders are asked for")
+        rank, _ = distributed_ranks(self.trainer)
+        threaded = self.cache != "none"
+        if threaded:
+            keep_batch_memory_mapped()  # page faults on every new batch would otherwise dominate the step
+        return training_loader(
+            self.train_ds,
+            batch_size=self.batch_size,
+            length=self._train_length,
+            seed=self.seed,
+            rank=rank,
+            num_workers=self.num_workers,
+            threaded=threaded,
+            **self._loader_options(threaded),
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_ds, shuffle=False, batch_size=1)
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None) -> DataLoader:
-        if dataset is None:
+        """This rank's block of validation cases, one per batch, padded so that all ranks take as many steps."""
+        if self.val_ds is None:
             raise RuntimeError("SegDataModule.setup() must run before the loaders are asked for")
+        dataset = ValidationShard(self.val_ds, self._val_length)
+        # Its own generator: creating the loader or an iterator never draws from torch's global random state.
+        generator = torch.Generator().manual_seed(self.seed % 2**63)
         if self.cache != "none":
-            # Only the random augmentation is left per step: a background thread assembles batches faster than
-            # worker processes, which would copy every batch through shared memory (MONAI's fast-training recipe).
-            keep_batch_memory_mapped()  # page faults on every new batch would otherwise dominate the step
-            # The thread's queue is polled every buffer_timeout seconds, which is also how late the end of an epoch
-            # is noticed: MONAI's 10 ms default would add 10 ms to every epoch (a third of a small cached one).
             return ThreadDataLoader(
-                dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, buffer_timeout=0.001
+                dataset, batch_size=1, shuffle=False, generator=generator, **self._loader_options(True)
             )
         return DataLoader(
             dataset,
-            batch_size=batch_size or self.batch_size,
-            shuffle=shuffle,
+            batch_size=1,
+            shuffle=False,
+            generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=False,
+            **self._loader_options(False),
         )
+
+    @staticmethod
+    def _loader_options(threaded: bool) -> dict[str, Any]:
+        if threaded:
+            # Cached data: only the random augmentation is left per step, and a background thread assembles
+            # batches faster than worker processes, which would copy every batch through shared memory (MONAI's
+            # fast-training recipe). The thread's queue is polled every buffer_timeout seconds, which is also how
+            # late the end of an epoch is noticed: MONAI's 10 ms default would add 10 ms to every epoch.
+            return {"buffer_timeout": 0.001}
+        return {"pin_memory": False}
 
 
 def _paths_of(case: Case) -> list[str]:
