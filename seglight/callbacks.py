@@ -69,6 +69,13 @@ class Preemption(Callback):
     routes the first Ctrl-C there (a second one stops at once, without saving), saves ``last.ckpt`` when that
     exception passes, and sets the exit status to 143 (SIGTERM) or 130 (SIGINT). A SIGKILL cannot be caught:
     ``every_n_train_steps`` bounds what it can lose by also refreshing ``last.ckpt`` every N optimizer steps.
+
+    With several processes (DDP, FSDP), the signal handler only takes note (and passes the signal on to the
+    processes Lightning's launcher started): a collective inside a signal handler, as Lightning's own does, can
+    pair with another process's gradient all-reduce and hang, and a second signal to the same process (Ctrl-C
+    reaches every process, and the launcher forwards it again) adds a collective the others never make. The
+    processes instead agree after every training step and epoch, all together, whether any of them was
+    signalled; then Lightning stops all of them after that same step and each saves its part of ``last.ckpt``.
     """
 
     def __init__(self, every_n_train_steps: int | None = None) -> None:
@@ -80,12 +87,16 @@ class Preemption(Callback):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
         self._active = False
+        self._trainer: L.Trainer | None = None
+        self._in_group = False  # several processes: stop when they agree (see the class docstring)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return  # Python runs signal handlers in the main thread only
         self.signum = None
         self._active = True
+        self._trainer = trainer
+        self._in_group = False
         # Installed before Lightning's own SIGTERM handler, which then calls this one after setting its flag.
         self._previous = {signum: signal.getsignal(signum) for signum in INTERRUPT_SIGNALS}
         for signum in INTERRUPT_SIGNALS:
@@ -120,15 +131,45 @@ class Preemption(Callback):
         self._active = False
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over_in_group(trainer)
         self._forward_early_signal(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over_in_group(trainer)
         self._forward_early_signal(trainer)
+
+    def _take_over_in_group(self, trainer: L.Trainer) -> None:
+        # Lightning has just installed its SIGTERM handler (it does so right before the loops): with several
+        # processes, replace it by one that makes no collective call (see the class docstring).
+        if trainer.world_size > 1 and self._active and threading.current_thread() is threading.main_thread():
+            self._in_group = True
+            signal.signal(signal.SIGTERM, self._on_signal_in_group)
+
+    def _on_signal_in_group(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
+        self._on_signal(signum, frame)
+        launcher = getattr(self._trainer.strategy, "launcher", None) if self._trainer is not None else None
+        if first and launcher is not None:
+            launcher.kill(signum)  # the processes Lightning's launcher started (none under torchrun or srun)
+
+    def _agree_to_stop(self, trainer: L.Trainer) -> None:
+        """All processes, after the same step: stop together if any of them was signalled."""
+        if not self._in_group:
+            return
+        if trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+            if self.signum is None:
+                self.signum = signal.SIGTERM
+            # Lightning's own flag (no public setter): its loops raise SIGTERMException after this step.
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._agree_to_stop(trainer)
 
     def _forward_early_signal(self, trainer: L.Trainer) -> None:
         # A signal that came while the trainer was still setting up, before Lightning had its SIGTERM handler
         # in place (it installs it just before the loops start): hand it on now that the handler is there.
-        if self.signum is not None and not trainer.received_sigterm:
+        # With several processes, the next step's agreement picks it up.
+        if self.signum is not None and not trainer.received_sigterm and not self._in_group:
             signal.raise_signal(signal.SIGTERM)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -140,6 +181,7 @@ class Preemption(Callback):
         n = self.every_n_train_steps
         if n and trainer.global_step > 0 and trainer.global_step % n == 0:
             save_last_checkpoint(trainer)
+        self._agree_to_stop(trainer)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -155,6 +197,8 @@ class Preemption(Callback):
             log.warning("Interrupted by %s before training started; exit status %d.", name, exception.code)
             return
         path = save_last_checkpoint(trainer)
+        if not trainer.is_global_zero:
+            return  # every process saved its part; rank 0 reports
         log.warning(
             "Interrupted by %s at step %d (epoch %d): saved %s; exit status %d. Continue with: "
             "python -m seglight.train hydra.run.dir=%s resume=true",

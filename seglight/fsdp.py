@@ -68,10 +68,14 @@ def fsdp_strategy(
     which ``python -m lightning.pytorch.utilities.consolidate_checkpoint <folder>`` turns into one file.
     """
     if state_dict_type not in ("full", "sharded"):
-        raise ConfigError(f"trainer.strategy.state_dict_type must be full or sharded, got {state_dict_type!r}")
+        raise ConfigError(
+            f"trainer.strategy.state_dict_type must be full or sharded, got {state_dict_type!r}"
+        )
     return FSDPStrategy(
         auto_wrap_policy=block_classes(wrap_blocks),
-        activation_checkpointing_policy=block_classes(checkpoint_blocks) if activation_checkpointing else None,
+        activation_checkpointing_policy=block_classes(checkpoint_blocks)
+        if activation_checkpointing
+        else None,
         state_dict_type=state_dict_type,
         sharding_strategy=sharding_strategy,
         cpu_offload=cpu_offload,

@@ -177,9 +177,11 @@ def test_validation_scores_each_case_once_and_matches_one_process(
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """Epoch 1 with ``torchrun --nproc_per_node 2`` (run folder named by seglight), epoch 2 on two "nodes"
-    (``torchrun --nnodes 2`` on loopback, one process each) in that folder with resume=true."""
+    """``torchrun --nproc_per_node 2`` (run folder named by seglight), stopped by SIGTERM to every process after
+    the first of 2 epochs; then two "nodes" (``torchrun --nnodes 2`` on loopback, one process each) continue in
+    that folder with resume=true."""
     root = tmp_path_factory.mktemp("torchrun")
+    sigterm = "+callbacks.sigterm={_target_:tests.callbacks.SignalAtStep,step:2}"
     first = torchrun(
         [
             "--standalone",
@@ -187,16 +189,18 @@ def resumed(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
             "2",
             "-m",
             "seglight.train",
-            *overrides(None, "trainer.devices=2", "trainer.max_epochs=1"),
+            *overrides(None, "trainer.devices=2", "trainer.max_epochs=2", sigterm),
         ],
         cache_dir,
         root=root,
     )
-    finish(first)
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode != 0 and "Interrupted by SIGTERM" in output, output[-4000:]
     runs = list((root / "outputs" / "train" / "runs").iterdir())
     assert len(runs) == 1, runs  # both processes chose the same run folder
     run_dir = runs[0]
-    assert last(run_dir)["global_step"] == 2
+    assert last(run_dir)["global_step"] == 2  # the first epoch, all of it
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
     port = free_port()
     nodes = [
         torchrun(
