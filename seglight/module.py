@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.metrics import DiceMetric, SurfaceDiceMetric
+from monai.metrics import SurfaceDiceMetric
 from monai.networks.utils import one_hot
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from seglight.errors import ConfigError, DataError
-from seglight.metrics import HD95Metric, image_spacing, per_class_means
+from seglight.metrics import DeviceDiceMetric, HD95Metric, SurfaceMetrics, image_spacing, per_class_means
 from seglight.networks import AUTO, apply_options, network_arguments, split_options
 
 log = logging.getLogger("seglight")
@@ -43,7 +45,8 @@ DEFAULT_INFERENCE = {
     "sw_device": None,  # where the windows run (None: where the image is)
     "device": None,  # where the whole-volume output is stitched (None: where the image is; "cpu" saves GPU memory)
 }
-DEFAULT_METRICS = {"hd95": True, "surface_dice_tolerance": None}
+# hd95_every_n: the surface metrics (HD95, NSD) at every n-th validation only (they run on the CPU).
+DEFAULT_METRICS = {"hd95": True, "surface_dice_tolerance": None, "hd95_every_n": 1}
 # Scheduler arguments that take the schedule's length; "auto" fills in the run's epochs or optimiser steps.
 LENGTH_KEYS = ("T_max", "total_iters", "t_total")
 
@@ -67,7 +70,8 @@ class SegModule(L.LightningModule):
         threshold: probability above which a voxel is foreground (binary task).
         label_names: label value -> name (background 0 included), for per-class metric names.
         inference: how whole volumes are segmented in validation (see ``DEFAULT_INFERENCE``).
-        metrics: ``hd95`` (bool) and ``surface_dice_tolerance`` (mm, or None) besides Dice.
+        metrics: ``hd95`` (bool) and ``surface_dice_tolerance`` (mm, or None) besides Dice; ``hd95_every_n``
+            computes these surface metrics at every n-th validation only.
     """
 
     def __init__(
@@ -105,7 +109,8 @@ class SegModule(L.LightningModule):
         self.net = build_network(self.hparams.net)
         self.channels_last = bool(split_options(self.hparams.net)[1].get("channels_last"))
         self.loss_fn = instantiate(self.hparams.loss)
-        self.dice = DiceMetric(include_background=False, reduction="mean")
+        # Dice stays on the device; the surface metrics run on the CPU beside it (see SurfaceMetrics).
+        self.dice = DeviceDiceMetric()
         self.hd95 = HD95Metric() if self.hparams.metrics["hd95"] else None
         tolerance = self.hparams.metrics["surface_dice_tolerance"]
         self.nsd = (
@@ -113,6 +118,17 @@ class SegModule(L.LightningModule):
             if tolerance is not None
             else None
         )
+        self.hd95_every_n = int(self.hparams.metrics["hd95_every_n"])
+        if self.hd95_every_n < 1:
+            raise ConfigError(f"metrics.hd95_every_n must be at least 1, got {self.hd95_every_n}")
+        surface = [m for m in (self.hd95, self.nsd) if m is not None]
+        self.surface = SurfaceMetrics(surface, expand=self.metric_masks) if surface else None
+        self._surface_counted = True  # whether this validation measures the surface metrics
+        # Wall time of this session's validations (sanity check excluded), for the run summary.
+        self.validation_time_s = 0.0
+        self.last_validation_s: float | None = None
+        self.validations = 0
+        self._validation_started: float | None = None
         self._warned: set[str] = set()
 
     @property
@@ -159,32 +175,72 @@ class SegModule(L.LightningModule):
         self.log("Loss/train", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Label values of evaluation batches are checked here, on the host before the copy to the device, where
+        # reading them costs no wait for the GPU. (An out-of-range value would otherwise fail inside one_hot.)
+        trainer = self._trainer
+        if trainer is not None and not trainer.training and isinstance(batch, Mapping) and "label" in batch:
+            self.check_label_values(batch["label"], batch)
+        return batch
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Nothing here waits for the device: Dice accumulates on it, the surface metrics go to a CPU thread.
         image, label = batch["image"], batch["label"]
-        self.check_label_values(label, batch)
         logits = self.infer(image)
-        label = as_float_label(label.to(logits.device))  # the stitched output may live on the CPU
+        label = label.to(logits.device)  # the stitched output may live on the CPU
         self.log(
-            "Loss/val", self.loss_fn(logits, label), on_step=False, on_epoch=True, batch_size=image.shape[0]
+            "Loss/val",
+            self.loss_fn(logits, as_float_label(label)),
+            on_step=False,
+            on_epoch=True,
+            batch_size=image.shape[0],
         )
-        prediction, target = self.binarize(logits), self.one_hot(label)
-        self.dice(prediction, target)
-        if self.hd95 is not None or self.nsd is not None:
-            spacing = image_spacing(image)  # mm, from the affine after the deterministic transforms
-            prediction, target = prediction.cpu(), target.cpu()
-            if self.hd95 is not None:
-                self.hd95(prediction, target, spacing=spacing)
-            if self.nsd is not None:
-                self.nsd(prediction, target, spacing=spacing)
+        self.dice(self.binarize(logits), self.one_hot(label))
+        if self.surface is not None and self._surface_counted:
+            spacing = image_spacing(image)  # mm, from the affine after the deterministic transforms (host)
+            labels = label if label.dtype == torch.uint8 or self.num_classes > 256 else label.to(torch.uint8)
+            self.surface.submit(self.labels_from_logits(logits), labels, spacing)
+
+    def surface_metrics_due(self) -> bool:
+        """Whether this validation measures HD95/NSD: the first, then every ``metrics.hd95_every_n``-th."""
+        trainer = self._trainer
+        interval = (trainer.check_val_every_n_epoch or 1) if trainer is not None else 1
+        # Counted from the epoch, so a resumed run keeps the same rhythm.
+        return (self.current_epoch // interval) % self.hd95_every_n == 0
+
+    def metric_masks(self, labels: torch.Tensor) -> torch.Tensor:
+        """A label map ``(B, 1, ...)`` as the float masks the metrics take (one channel, or one-hot)."""
+        return self.one_hot(labels).float()
+
+    def on_validation_start(self) -> None:
+        self._validation_started = time.perf_counter()
+
+    def on_validation_epoch_start(self) -> None:
+        self._surface_counted = self.surface_metrics_due()
+
+    def _validation_done(self) -> None:
+        # Called once the metrics are read back, so the device's work is done; checkpoint writes come after.
+        if self._validation_started is None or self.trainer.sanity_checking:
+            return
+        self.last_validation_s = time.perf_counter() - self._validation_started
+        self.validation_time_s += self.last_validation_s
+        self.validations += 1
+        self._validation_started = None
+
+    def teardown(self, stage: str) -> None:
+        if self.surface is not None:
+            self.surface.close()
 
     def on_validation_epoch_end(self) -> None:
+        if self.surface is not None:
+            self.surface.wait()
         dice, per_class = per_class_means(self._gathered(self.dice))
         self.dice.reset()
         # As MONAI's DiceMetric reports it: 0 when no validation case has any foreground.
         self.log("Dice/val", dice if dice is not None else 0.0, prog_bar=True)
         self._log_per_class("Dice/val", per_class)
         for name, metric in (("HD95/val", self.hd95), ("NSD/val", self.nsd)):
-            if metric is None:
+            if metric is None or not self._surface_counted:
                 continue
             mean, per_class = per_class_means(self._gathered(metric))
             metric.reset()
@@ -193,6 +249,7 @@ class SegModule(L.LightningModule):
             else:
                 self.log(name, mean)
             self._log_per_class(name, per_class)
+        self._validation_done()
 
     def _log_per_class(self, name: str, values: list[float | None]) -> None:
         for class_name, value in zip(self.class_names, values, strict=False):
@@ -255,7 +312,7 @@ class SegModule(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        optimizer = build_optimizer(self.hparams.optimizer, self.parameters(), self._gradient_clipping())
         if not self.hparams.scheduler:
             return optimizer
         scheduler_cfg = dict(self.hparams.scheduler)
@@ -270,6 +327,10 @@ class SegModule(L.LightningModule):
                 scheduler_cfg["warmup_steps"] = round(float(warmup_fraction) * length)
         scheduler = instantiate(scheduler_cfg)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def _gradient_clipping(self) -> bool:
+        trainer = self._trainer
+        return bool(trainer is not None and trainer.gradient_clip_val)
 
     def schedule_length(self, interval: str) -> int:
         """How many times the scheduler will step: the run's optimiser steps or epochs."""
@@ -311,6 +372,43 @@ def as_float_label(label: torch.Tensor) -> torch.Tensor:
     """A label map as float32 for the loss and metrics. The loaders serve label maps as uint8 (a quarter of the
     bytes to copy and move); the cast runs where the batch already is, on the GPU after the transfer."""
     return label if label.is_floating_point() else label.float()
+
+
+def build_optimizer(
+    config: Mapping[str, Any], parameters: Iterator[nn.Parameter], gradient_clipping: bool = False
+) -> torch.optim.Optimizer:
+    """The optimiser of a partial config, fused (one kernel per step, no host sync) where that is safe.
+
+    On CUDA, an optimiser that takes ``fused`` (Adam, AdamW, SGD) is built with ``fused=True`` unless the config
+    says otherwise: besides being faster, a fused optimiser takes the AMP scaler's inf check on the device, where
+    the unfused path reads it back to the host at every step under ``16-mixed``. Not with gradient clipping,
+    which needs the gradients unscaled before the step. Elsewhere the config is used as it is.
+    """
+    params = list(parameters)
+    partial = instantiate(config)
+    options: dict[str, Any] = {}
+    if (
+        not gradient_clipping
+        and "fused" not in config
+        and "foreach" not in config
+        and params
+        and all(p.is_cuda and p.is_floating_point() for p in params)
+        and _accepts(config.get("_target_"), "fused")
+    ):
+        options["fused"] = True
+    try:
+        return partial(params=params, **options)
+    except (RuntimeError, ValueError, TypeError):
+        if not options:
+            raise
+        return partial(params=params)  # a combination the fused kernel does not support: the plain one
+
+
+def _accepts(target: Any, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(get_class(str(target))).parameters
+    except Exception:  # not a class we can inspect: leave it alone
+        return False
 
 
 def build_network(config: Mapping[str, Any]) -> nn.Module:

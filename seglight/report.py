@@ -37,9 +37,12 @@ def write_summary(
     status: str = "completed",
     wall_time_s: float | None = None,
 ) -> dict[str, Any]:
-    """Print and save (``summary.json``) the best Dice, its epoch and checkpoint, and how to open TensorBoard."""
+    """Print and save (``summary.json``) the best Dice, its epoch and checkpoint, the time validation took, and
+    how to open TensorBoard."""
     output_dir = Path(output_dir)
     ckpt = trainer.checkpoint_callback
+    module = trainer.lightning_module
+    validation_s = getattr(module, "validation_time_s", None)
     best_score = getattr(ckpt, "best_model_score", None)
     best_checkpoint = getattr(ckpt, "best_model_path", "") or None
     summary = {
@@ -52,6 +55,9 @@ def write_summary(
         "global_step": trainer.global_step,
         "interrupted": trainer.interrupted,
         "wall_time_s": round(wall_time_s, 1) if wall_time_s is not None else None,
+        # This session's validations (the sanity check excluded): their count and total wall time.
+        "validations": getattr(module, "validations", None),
+        "validation_time_s": round(validation_s, 1) if validation_s is not None else None,
         "output_dir": str(output_dir),
     }
     if trainer.is_global_zero:
@@ -62,14 +68,24 @@ def write_summary(
             else "n/a (no validation ran)"
         )
         log.info(
-            "%s. Best Dice/val %s | best checkpoint: %s | last: %s | see the curves: tensorboard --logdir %s",
+            "%s. Best Dice/val %s | %s | best checkpoint: %s | last: %s | see the curves: tensorboard --logdir %s",
             "Done" if status == "completed" else status.capitalize(),
             dice,
+            validation_share(validation_s, wall_time_s),
             summary["best_checkpoint"],
             summary["last_checkpoint"],
             output_dir,
         )
     return summary
+
+
+def validation_share(validation_s: float | None, wall_time_s: float | None) -> str:
+    """``validation 12.3 s of 95.0 s (13%)``: how much of the run validation took."""
+    if validation_s is None:
+        return "validation time unknown"
+    if not wall_time_s:
+        return f"validation {validation_s:.1f} s"
+    return f"validation {validation_s:.1f} s of {wall_time_s:.1f} s ({100 * validation_s / wall_time_s:.0f}%)"
 
 
 def write_failure_summary(

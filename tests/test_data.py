@@ -157,7 +157,7 @@ def test_num_workers_clamped_to_available_cpus(tmp_path: Path) -> None:
         ({"spatial_size": [16, 16]}, "spatial_size"),
         ({"val_fraction": 1.5}, "val_fraction"),
         ({"a_min": 10.0, "a_max": 0.0}, "a_max"),
-        ({"cache": "gpu"}, "data.cache"),
+        ({"cache": "ram"}, "data.cache"),
     ],
 )
 def test_bad_options_are_config_errors(tmp_path: Path, kwargs: dict, message: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from monai import transforms as mt
 from monai.data import DataLoader, Dataset, ThreadDataLoader
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -32,6 +33,13 @@ from seglight.data.datalists import (
     resolve_datalist,
 )
 from seglight.data.demo import demo_root, ensure_demo_dataset
+from seglight.data.device_cache import (
+    GPU_CACHE_MODES,
+    dataset_bytes,
+    move_to_device,
+    training_device,
+    use_gpu_cache,
+)
 from seglight.data.remote import RemoteCache, default_cache_dir, is_remote, localize_paths
 from seglight.data.splits import holdout_split, load_or_create_folds
 from seglight.data.transforms import (
@@ -79,9 +87,13 @@ class SegDataModule(L.LightningDataModule):
         fold: train on all folds but this one and validate on it (0..num_folds-1); None uses ``val_fraction``.
         num_folds: folds of the seeded k-fold partition, saved to ``splits_path`` and reused from there.
         splits_path: the k-fold partition (nnU-Net's splits.json format); point all folds of a study at one.
-        cache: ``memory`` runs the deterministic transforms once per case and keeps the result in RAM; ``disk``
-            keeps it in ``cache_dir`` across runs (invalidated when a file or a transform setting changes);
-            ``none`` runs them on every access.
+        cache: ``memory`` runs the deterministic transforms once per case and keeps the result in RAM; ``gpu``
+            keeps the training cases on the training GPU, where the random flips run too; ``auto`` is ``gpu`` when
+            training runs on a CUDA GPU and the cases fit in ``gpu_cache_share`` of its free memory, else
+            ``memory``; ``disk`` keeps it in ``cache_dir`` across runs (invalidated when a file or a transform
+            setting changes); ``none`` runs them on every access.
+        gpu_cache_share: the share of the GPU's free memory (before training starts) that ``auto`` lets the
+            training cache take.
         cache_dir: folder of the ``disk`` cache.
         on_bad_case: ``error`` refuses to train on a dataset with a bad case; ``skip`` leaves such cases out and
             lists them in ``skipped_path``.
@@ -114,8 +126,9 @@ class SegDataModule(L.LightningDataModule):
         val_fraction: float = 0.2,
         split_seed: int = 0,
         split_path: str | None = None,
-        cache: str = "memory",
+        cache: str = "auto",
         cache_dir: str | None = None,
+        gpu_cache_share: float = 0.25,
         on_bad_case: str = "error",
         skipped_path: str | None = None,
         fold: int | None = None,
@@ -149,6 +162,7 @@ class SegDataModule(L.LightningDataModule):
         self.split_path = split_path
         self.cache = cache
         self.cache_dir = cache_dir
+        self.gpu_cache_share = float(gpu_cache_share)
         self.on_bad_case = on_bad_case
         self.skipped_path = skipped_path
         self.fold = None if fold is None else int(fold)
@@ -192,8 +206,13 @@ class SegDataModule(L.LightningDataModule):
             raise ConfigError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.a_max <= self.a_min:
             raise ConfigError(f"data.a_max ({self.a_max}) must be greater than data.a_min ({self.a_min})")
-        if self.cache not in CACHE_MODES:
-            raise ConfigError(f"data.cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.cache not in (*CACHE_MODES, *GPU_CACHE_MODES):
+            modes = ", ".join((*CACHE_MODES, *GPU_CACHE_MODES))
+            raise ConfigError(f"data.cache must be one of {modes}, got {self.cache!r}")
+        if not 0.0 < self.gpu_cache_share <= 1.0:
+            raise ConfigError(
+                f"data.gpu_cache_share must be above 0 and at most 1, got {self.gpu_cache_share}"
+            )
         if self.on_bad_case not in BAD_CASE_ACTIONS:
             raise ConfigError(
                 f"data.on_bad_case must be one of {', '.join(BAD_CASE_ACTIONS)}, got {self.on_bad_case!r}"
@@ -555,10 +574,12 @@ class SegDataModule(L.LightningDataModule):
         """The dataset of ``cases``: deterministic part cached per ``cache``; cases that fail go to ``_failed``."""
         transform = self.transforms(train)
         cache_dir = Path(self.cache_dir or default_cache_dir() / "preprocessed").expanduser()
+        # The GPU modes fill the cache in host memory first; the training cases then move to the GPU if they go.
+        store = "memory" if self.cache in GPU_CACHE_MODES else self.cache
         dataset, failures = cached_dataset(
             cases,
             transform,
-            self.cache,
+            store,
             cache_dir,
             workers=max(1, self.num_workers),
             verify=check_gzip_intact,
@@ -569,7 +590,25 @@ class SegDataModule(L.LightningDataModule):
             for local, url in names.items():  # name downloaded files by their URL
                 message = message.replace(local, url)
             self._failed[cases[index]["case_id"]] = message
+        if train and self.cache in GPU_CACHE_MODES:
+            device = training_device(self.trainer)
+            if use_gpu_cache(self.cache, dataset_bytes(dataset), device, self.gpu_cache_share):
+                assert device is not None
+                dataset = move_to_device(dataset, device)
         return dataset
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the training cache lives on the GPU (``data.cache=gpu``, or ``auto`` when it fitted)."""
+        data = getattr(self.train_ds, "data", None)
+        first = data[0] if data else None
+        return isinstance(first, Mapping) and any(
+            isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in first.values()
+        )
+
+    def _pin_memory(self, dataset: Dataset) -> bool:
+        # Batches bound for a CUDA device come from page-locked memory, so the copy runs without blocking.
+        return training_device(self.trainer) is not None and not (dataset is self.train_ds and self.on_gpu)
 
     # -- loaders -------------------------------------------------------------------------------------------
 
@@ -589,7 +628,11 @@ class SegDataModule(L.LightningDataModule):
             # The thread's queue is polled every buffer_timeout seconds, which is also how late the end of an epoch
             # is noticed: MONAI's 10 ms default would add 10 ms to every epoch (a third of a small cached one).
             return ThreadDataLoader(
-                dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, buffer_timeout=0.001
+                dataset,
+                batch_size=batch_size or self.batch_size,
+                shuffle=shuffle,
+                buffer_timeout=0.001,
+                pin_memory=self._pin_memory(dataset),
             )
         return DataLoader(
             dataset,
@@ -597,7 +640,7 @@ class SegDataModule(L.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=False,
+            pin_memory=self._pin_memory(dataset),
         )
 
 
