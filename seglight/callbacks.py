@@ -375,8 +375,8 @@ class NaNGuard(Callback):
         """Read the checks that have arrived (all of them with ``wait``); raise at the first non-finite loss."""
         while self._pending and (wait or self._pending[0].flags.ready()):
             check = self._pending.popleft()
-            flags = check.flags.value()
-            if bool(flags[0]):
+            flags = check.flags.value().tolist()  # a host tensor by now: nothing waits here
+            if flags[0]:
                 continue
             self._pending.clear()
             bad_input = check.bad_inputs(flags[1:]) if check.keys else self._non_finite_inputs()
@@ -463,12 +463,12 @@ class _StepCheck:
     def __init__(self, flags: _Readback, where: str, keys: list[str], names: dict[str, list[str]]) -> None:
         self.flags, self.where, self.keys, self.names = flags, where, keys, names
 
-    def bad_inputs(self, item_flags: torch.Tensor) -> str:
+    def bad_inputs(self, item_flags: list[bool]) -> str:
         """Which input had NaN/Inf values, and in which cases; '' when all were finite."""
         offset = 0
         for key in self.keys:
             names = self.names[key]
-            flags = item_flags[offset : offset + len(names)].tolist()
+            flags = item_flags[offset : offset + len(names)]
             offset += len(names)
             bad = [name for name, ok in zip(names, flags, strict=True) if not ok]
             if bad:

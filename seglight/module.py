@@ -129,6 +129,7 @@ class SegModule(L.LightningModule):
         self.last_validation_s: float | None = None
         self.validations = 0
         self._validation_started: float | None = None
+        self._label_ranges: list[tuple[Any, list[str]]] = []
         self._warned: set[str] = set()
 
     @property
@@ -175,19 +176,17 @@ class SegModule(L.LightningModule):
         self.log("Loss/train", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Label values of evaluation batches are checked here, on the host before the copy to the device, where
-        # reading them costs no wait for the GPU. (An out-of-range value would otherwise fail inside one_hot.)
-        trainer = self._trainer
-        if trainer is not None and not trainer.training and isinstance(batch, Mapping) and "label" in batch:
-            self.check_label_values(batch["label"], batch)
-        return batch
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Nothing here waits for the device: Dice accumulates on it, the surface metrics go to a CPU thread.
+        # Nothing here waits for the device: Dice accumulates on it, the surface metrics go to a CPU thread, and
+        # the label values are checked when the epoch's metrics are read.
         image, label = batch["image"], batch["label"]
         logits = self.infer(image)
         label = label.to(logits.device)  # the stitched output may live on the CPU
+        self._label_ranges.append((label.flatten(1).aminmax(dim=1), _case_ids(batch, label.shape[0])))
+        if self.softmax:
+            # A value outside 0..C-1 would fail inside one_hot on the GPU, without naming the case: it is kept in
+            # range here and reported by check_label_ranges at the end of the epoch.
+            label = label.clamp(0, self.num_classes - 1)
         self.log(
             "Loss/val",
             self.loss_fn(logits, as_float_label(label)),
@@ -214,6 +213,7 @@ class SegModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._validation_started = time.perf_counter()
+        self._label_ranges = []
 
     def on_validation_epoch_start(self) -> None:
         self._surface_counted = self.surface_metrics_due()
@@ -232,6 +232,7 @@ class SegModule(L.LightningModule):
             self.surface.close()
 
     def on_validation_epoch_end(self) -> None:
+        self.check_label_ranges()
         if self.surface is not None:
             self.surface.wait()
         dice, per_class = per_class_means(self._gathered(self.dice))
@@ -294,6 +295,22 @@ class SegModule(L.LightningModule):
         if self.softmax:
             return logits.argmax(1, keepdim=True).to(torch.uint8)
         return (torch.sigmoid(logits.float()) > self.hparams.threshold).to(torch.uint8)
+
+    def check_label_ranges(self) -> None:
+        """DataError naming the first validation case whose label map held a value the network has no output for
+        (the ranges were recorded in the steps, on the device, and are read here, once an epoch)."""
+        ranges, self._label_ranges = self._label_ranges, []
+        for (low, high), ids in ranges:
+            for case, lo, hi in zip(ids, low.tolist(), high.tolist(), strict=True):
+                if lo < 0 or hi >= self.num_classes:
+                    raise self._label_error(case, hi if hi >= self.num_classes else lo)
+
+    def _label_error(self, case: str, value: Any) -> DataError:
+        expected = "0 or 1 (binary)" if not self.softmax else f"0..{self.num_classes - 1}"
+        return DataError(
+            f"{case}: the label map holds value {value}, but the model expects {expected}; check the dataset's "
+            'labels (dataset.json "labels") and model.out_channels'
+        )
 
     def check_label_values(self, label: torch.Tensor, batch: Mapping[str, Any]) -> None:
         """DataError naming the case when a label map holds a value the network has no output for."""
@@ -366,6 +383,13 @@ _AUTO_MESSAGE = (
     "model.{key}=auto is filled in from the data: build the module with seglight.build(cfg) (or "
     "seglight.builder.build_module(cfg, datamodule)), or give a number"
 )
+
+
+def _case_ids(batch: Mapping[str, Any], count: int) -> list[str]:
+    ids = batch.get("case_id") if isinstance(batch, Mapping) else None
+    if isinstance(ids, list | tuple) and len(ids) == count:
+        return [str(i) for i in ids]
+    return [f"validation case {i}" for i in range(count)]
 
 
 def as_float_label(label: torch.Tensor) -> torch.Tensor:
