@@ -221,3 +221,21 @@ def test_the_optimiser_is_built_as_configured_off_cuda() -> None:
         {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "fused": False}, iter(params)
     )
     assert sgd.defaults["fused"] is False
+
+
+@pytest.mark.parametrize(("classes", "value"), [(1, 2), (3, 5)])
+def test_validation_names_a_case_whose_label_has_no_output(classes: int, value: int) -> None:
+    from seglight import SegModule
+    from seglight.errors import DataError
+
+    net = {"_target_": "monai.networks.nets.SegResNet", "spatial_dims": 3, "in_channels": 1}
+    module = SegModule(net={**net, "out_channels": classes, "init_filters": 8}, metrics={"hd95": False})
+    label = torch.zeros(1, 1, 16, 16, 16, dtype=torch.uint8)
+    label[0, 0, 4:8, 4:8, 4:8] = value
+    batch = {"image": torch.rand(1, 1, 16, 16, 16), "label": label, "case_id": ["odd_case"]}
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    # Read once the epoch's metrics are, the range check still names the case (and one_hot never saw the value).
+    with pytest.raises(DataError, match=f"odd_case: the label map holds value {value}"):
+        trainer.validate(module, torch.utils.data.DataLoader([batch], batch_size=None), verbose=False)
