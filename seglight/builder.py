@@ -14,13 +14,16 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seglight.checkpointing import AtomicCheckpointIO
+from seglight.console import trainer_output
 from seglight.data.transforms import oriented_geometry
 from seglight.errors import ConfigError
 from seglight.module import SegModule
 from seglight.networks import class_name, resolve_network_config
+from seglight.tracking import ExperimentTracking, build_loggers, config_dict, run_settings
 
 log = logging.getLogger("seglight")
 
@@ -122,7 +125,13 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     """The Lightning Trainer with the configured callbacks and loggers, on the CPU if CUDA is absent."""
     trainer_cfg = fall_back_to_cpu(OmegaConf.to_container(cfg.trainer, resolve=True))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg and "_target_" in lg]
+    loggers = build_loggers(cfg.get("logger"))
+    if loggers:
+        callbacks.append(ExperimentTracking(config_dict(cfg), run_settings(cfg)))
+    else:  # logger=none: Lightning refuses a learning-rate monitor without a logger; the epoch line shows it
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    # A progress bar where a person watches, one line per epoch in logs; Lightning's summary as one line.
+    trainer_cfg, callbacks = trainer_output(trainer_cfg, callbacks)
     # Checkpoints are written to a temporary name and renamed: a kill mid-write never truncates last.ckpt.
     plugins = list(trainer_cfg.pop("plugins", None) or [])
     if not any(isinstance(p, CheckpointIO) for p in plugins):

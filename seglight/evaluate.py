@@ -24,6 +24,7 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 from omegaconf import DictConfig, OmegaConf
 
+from seglight.console import setup as setup_console
 from seglight.data.datalists import (
     IMAGE,
     LABEL,
@@ -376,6 +377,7 @@ def run(cfg: DictConfig) -> Evaluation:
 @hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Command-line entry point."""
+    setup_console()
     with reported_errors("seglight.evaluate"):
         run(cfg)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from seglight.console import setup as setup_console
 from seglight.errors import ConfigError, reported_errors
 from seglight.inference import PredictionReport, predict
 
@@ -41,6 +42,7 @@ _EXAMPLE = "python -m seglight.predict ckpt=<run>/checkpoints/last.ckpt input=<s
 @hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Command-line entry point."""
+    setup_console()
     with reported_errors("seglight.predict"):
         run(cfg)
 

@@ -24,6 +24,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from seglight.console import setup as setup_console
 from seglight.errors import ConfigError, DataError, reported_errors
 
 log = logging.getLogger("seglight")
@@ -367,6 +368,7 @@ def progress_figure(history: Mapping[str, Mapping[int, float]]) -> Figure:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m seglight.viz image=<scan> [label=<mask>] [pred=<mask>] [out=<png>] [slice=max|middle]``."""
+    setup_console()
     with reported_errors("seglight.viz"):
         options = _parse(sys.argv[1:] if argv is None else argv)
         out = Path(options.get("out") or Path(options["image"]).name.split(".")[0] + "_overlay.png")

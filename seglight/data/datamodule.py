@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from monai import transforms as mt
 from monai.data import DataLoader, Dataset, ThreadDataLoader
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from seglight.data.cache import CACHE_MODES, cached_dataset
+from seglight.data.cache import CACHE_MODES, MemoryCacheDataset, cached_dataset
 from seglight.data.checks import DatasetReport, Finding, check_gzip_intact, inspect_cases
 from seglight.data.datalists import (
     IMAGE,
@@ -569,6 +570,9 @@ class SegDataModule(L.LightningDataModule):
             for local, url in names.items():  # name downloaded files by their URL
                 message = message.replace(local, url)
             self._failed[cases[index]["case_id"]] = message
+        if isinstance(dataset, MemoryCacheDataset):
+            kept = [case for i, case in enumerate(cases) if i not in failures]
+            _warn_empty_labels(kept, dataset.data)
         return dataset
 
     # -- loaders -------------------------------------------------------------------------------------------
@@ -607,6 +611,18 @@ def _paths_of(case: Case) -> list[str]:
         value = case[key]
         files.extend(str(v) for v in value) if isinstance(value, list) else files.append(str(value))
     return files
+
+
+def _warn_empty_labels(cases: list[Case], items: list[Any]) -> None:
+    """A warning per case whose preprocessed label has no foreground voxel (the header check cannot see it; the
+    cached volumes are in memory, so the look costs nothing)."""
+    for case, item in zip(cases, items, strict=False):
+        label = item.get(LABEL) if isinstance(item, dict) else None
+        if isinstance(label, torch.Tensor) and not bool(label.any()):
+            log.warning(
+                "Data check: %s: the label is all background after preprocessing (no labelled voxel)",
+                case["case_id"],
+            )
 
 
 def _log_warnings(report: DatasetReport, limit: int = 5) -> None:
