@@ -90,6 +90,16 @@ QUIET_LOGGERS = ("alembic", "mlflow.store", "mlflow.tracking._tracking_service")
 _original_showwarning = warnings.showwarning
 
 
+def _quiet_startup_loggers(quiet: bool) -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
+
+
+# Already on import: the entry points import this module before Hydra sets up logging, and what Hydra imports
+# while it starts (its callbacks import MONAI, which imports Optuna, which imports alembic) logs at that point.
+_quiet_startup_loggers(os.environ.get(VERBOSE_ENV, "").strip().lower() in ("", "0", "false", "no", "off"))
+
+
 def wants_everything() -> bool:
     """Whether the user asked to see everything: ``hydra.verbose`` set, or ``SEGLIGHT_VERBOSE=1``."""
     env = os.environ.get(VERBOSE_ENV, "").strip().lower()
@@ -116,7 +126,8 @@ def setup(verbose: bool | None = None) -> bool:
     _route_lightning_to_root(root)
     # Warnings become one log line each (console and the run's log file), and each distinct one shows once.
     warnings.showwarning = _log_warning
-    _add_filter_once(logging.getLogger("py.warnings"), _Once)
+    once = _add_filter_once(logging.getLogger("py.warnings"), _Once)
+    once.seen.clear()  # each job of a sweep has its own log file, which shows its warnings again
     for handler in root.handlers:
         if not verbose:
             _add_filter_once(handler, _LibraryNoise)
@@ -125,8 +136,7 @@ def setup(verbose: bool | None = None) -> bool:
     if not verbose:
         for noise in WARNING_NOISE:
             _ignore(noise)
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_startup_loggers(not verbose)
     return verbose
 
 
@@ -205,9 +215,14 @@ class _ConsoleOnly(logging.Filter):
         return not getattr(record, FILE_ONLY, False)
 
 
-def _add_filter_once(target: logging.Filterer, kind: type[logging.Filter]) -> None:
-    if not any(isinstance(f, kind) for f in target.filters):
-        target.addFilter(kind())
+def _add_filter_once(target: logging.Filterer, kind: type[logging.Filter]) -> Any:
+    """The ``kind`` filter of ``target``, added if it has none yet."""
+    for existing in target.filters:
+        if isinstance(existing, kind):
+            return existing
+    new = kind()
+    target.addFilter(new)
+    return new
 
 
 # -- what the trainer shows ------------------------------------------------------------------------------------

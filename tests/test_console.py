@@ -278,3 +278,21 @@ def test_wandb_goes_offline_without_credentials(tmp_path: Path, monkeypatch: pyt
     netrc.write_text("machine api.wandb.ai login user password " + "x" * 40 + "\n")
     netrc.chmod(0o600)
     assert wandb_credentials_found()
+
+
+def test_check_prints_its_report_without_library_start_up_chatter(tmp_path: Path, cache_dir: Path) -> None:
+    data = [o for o in tiny_overrides(tmp_path / "run") if o.startswith("data.demo")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "seglight.check", *data, f"hydra.run.dir={tmp_path / 'check'}"],
+        cwd=REPO,
+        env={**env, "SEGLIGHT_CACHE_DIR": str(cache_dir)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    assert lines[0].startswith("Dataset check (every voxel): 6 cases"), lines[:5]
+    assert [line for line in lines if NOISE.search(line) or "setup plugin" in line] == []
