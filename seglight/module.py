@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -350,8 +351,10 @@ def loss_for_task(loss: Mapping[str, Any], softmax: bool) -> dict[str, Any]:
 
 
 def _tag(name: str) -> str:
-    """A label name as one TensorBoard tag level: no slashes, no spaces."""
-    return re.sub(r"[\s/]+", "_", name.strip()) or "unnamed"
+    """A label name as one metric-name level that every tracker keeps as it is: letters, digits, ``_`` and ``-``
+    (MLflow renames other characters, W&B nests on dots, TensorBoard groups on slashes)."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()  # Läsion -> Lasion
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_name.strip()).strip("_") or "unnamed"
 
 
 def _plain(value: Any) -> Any:
