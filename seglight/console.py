@@ -181,8 +181,8 @@ def _log_warning(
 
 
 class _Once(logging.Filter):
-    """Each distinct warning once per process: libraries reset Python's own once-per-place memory whenever they
-    use ``warnings.catch_warnings``, so the same warning would otherwise repeat every step."""
+    """Each distinct warning once (per job of a sweep): libraries reset Python's own once-per-place memory whenever
+    they use ``warnings.catch_warnings``, so the same warning would otherwise repeat every step."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from seglight.console import wants_everything
-from seglight.errors import ConfigError
+from seglight.errors import ConfigError, SeglightError
 
 log = logging.getLogger("seglight")
 
@@ -72,6 +72,8 @@ def build_loggers(loggers_cfg: Mapping[str, Any] | None) -> list[Logger]:
             loggers.append(instantiate(entry))
         except Exception as exc:
             cause = exc.__cause__ or exc
+            if isinstance(cause, SeglightError):
+                raise cause from None
             raise ConfigError(f"logger.{name}: {cause}") from exc
     return loggers
 

@@ -296,3 +296,17 @@ def test_check_prints_its_report_without_library_start_up_chatter(tmp_path: Path
     lines = (result.stdout + result.stderr).splitlines()
     assert lines[0].startswith("Dataset check (every voxel): 6 cases"), lines[:5]
     assert [line for line in lines if NOISE.search(line) or "setup plugin" in line] == []
+
+
+def test_sagemaker_mlflow_arn_without_its_plugin_names_it(tmp_path: Path) -> None:
+    import importlib.util
+
+    from seglight.errors import ConfigError
+    from seglight.tracking import build_loggers
+
+    if importlib.util.find_spec("sagemaker_mlflow") is not None:
+        pytest.skip("the sagemaker-mlflow plugin is installed here")
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:mlflow-tracking-server/lab"
+    entry = {"_target_": "seglight.tracking.mlflow_logger", "tracking_uri": arn, "save_dir": str(tmp_path)}
+    with pytest.raises(ConfigError, match="pip install .*sagemaker-mlflow"):
+        build_loggers({"mlflow": entry})
