@@ -10,6 +10,7 @@ import re
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +55,37 @@ def train(run_dir: Path, cache: Path, *args: str, env: dict[str, str] | None = N
     return subprocess.run(**command, capture_output=True, text=True, timeout=300)
 
 
-def test_log_output_is_one_line_per_epoch_without_library_noise(tmp_path: Path, cache_dir: Path) -> None:
-    root = make_msd_dataset(tmp_path / "odd", num_cases=5)
-    write_nifti(root / "labelsTr" / "case_3.nii.gz", np.zeros((20, 20, 12), dtype=np.uint8))  # all background
-    run_dir = tmp_path / "run"
-    msd = ["data=msd", f"data.root={root}", "data.spatial_size=[16,16,8]", "data.val_fraction=0.4"]
-    result = train(run_dir, cache_dir, *msd, "logger=[tensorboard,csv]")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = (result.stdout + result.stderr).splitlines()
+@dataclass
+class LogRun:
+    """One tiny training run as a batch job, with every tracker at once."""
 
+    result: subprocess.CompletedProcess
+    run_dir: Path
+    root: Path  # SEGLIGHT_ROOT: where the default MLflow store goes
+
+    @property
+    def lines(self) -> list[str]:
+        return (self.result.stdout + self.result.stderr).splitlines()
+
+
+@pytest.fixture(scope="module")
+def log_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> LogRun:
+    """2 epochs on an MSD dataset with one all-background case, stdout a pipe, logging to TensorBoard, CSV, MLflow
+    (its default sqlite store) and W&B (offline, no account)."""
+    tmp = tmp_path_factory.mktemp("log_run")
+    data = make_msd_dataset(tmp / "odd", num_cases=5)
+    write_nifti(data / "labelsTr" / "case_3.nii.gz", np.zeros((20, 20, 12), dtype=np.uint8))  # all background
+    wandb_home = {f"WANDB_{kind}_DIR": str(tmp / "wandb" / kind) for kind in ("CONFIG", "CACHE", "DATA")}
+    env = {"SEGLIGHT_ROOT": str(tmp), "WANDB_MODE": "offline", "WANDB_API_KEY": "", **wandb_home}
+    msd = ["data=msd", f"data.root={data}", "data.spatial_size=[16,16,8]", "data.val_fraction=0.4"]
+    loggers = "logger=[tensorboard,csv,mlflow,wandb]"
+    result = train(tmp / "run", cache_dir, *msd, loggers, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return LogRun(result, tmp / "run", tmp)
+
+
+def test_log_output_is_one_line_per_epoch_without_library_noise(log_run: LogRun) -> None:
+    lines = log_run.lines
     assert [line for line in lines if NOISE.search(line)] == []
     epochs = [EPOCH_LINE.match(line) for line in lines if "] - Epoch " in line]
     assert all(epochs) and [m.group(1, 2) for m in epochs] == [("1", "2"), ("2", "2")], lines
@@ -73,12 +96,13 @@ def test_log_output_is_one_line_per_epoch_without_library_noise(tmp_path: Path, 
     odd = [line for line in lines if "case_3" in line and "all background" in line]
     assert len(odd) == 1 and "[WARNING]" in odd[0]
     # The same lines are in the run's log file.
-    log_lines = (run_dir / "train.log").read_text().splitlines()
+    log_lines = (log_run.run_dir / "train.log").read_text().splitlines()
     assert sum(bool(EPOCH_LINE.match(line)) for line in log_lines) == 2
 
-    # TensorBoard and CSV carry the same metric names; the best Dice so far is one of them.
-    curves = tensorboard_scalars(run_dir)
-    (metrics_csv,) = (run_dir / "csv").glob("version_*/metrics.csv")
+
+def test_tensorboard_and_csv_have_the_same_metrics_and_the_hparams_session(log_run: LogRun) -> None:
+    curves = tensorboard_scalars(log_run.run_dir)
+    (metrics_csv,) = (log_run.run_dir / "csv").glob("version_*/metrics.csv")
     with metrics_csv.open() as handle:
         rows = list(csv.DictReader(handle))
     assert set(rows[0]) - {"step"} == set(curves)
@@ -91,7 +115,7 @@ def test_log_output_is_one_line_per_epoch_without_library_noise(tmp_path: Path, 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata
 
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(log_run.run_dir / "tensorboard"))
     events.Reload()
     content = events.PluginTagToContent(metadata.PLUGIN_NAME)
     assert metadata.EXPERIMENT_TAG not in content  # TensorBoard builds the table from every run's session
@@ -102,6 +126,50 @@ def test_log_output_is_one_line_per_epoch_without_library_noise(tmp_path: Path, 
     assert settings["model.init_filters"] == 8 and settings["data.val_fraction"] == pytest.approx(0.4)
 
 
+def test_mlflow_sqlite_store_holds_params_dice_history_and_best_checkpoint(log_run: LogRun) -> None:
+    from mlflow.tracking import MlflowClient
+
+    store = log_run.root / "outputs" / "mlflow"  # the default: a sqlite store under the outputs folder
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("seglight").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    params = run.data.params
+    assert params["optimizer.lr"] == "0.0001" and params["data.batch_size"] == "2"
+    assert params["model.out_channels"] == "1"  # the network as built, not "auto"
+    assert not any(key.startswith("net/") for key in params)  # no second copy from Lightning
+    curves = tensorboard_scalars(log_run.run_dir)
+    history = client.get_metric_history(run.info.run_id, "Dice/val")
+    assert [m.value for m in history] == pytest.approx([v for _, v in curves["Dice/val"]])
+    assert set(run.data.metrics) == set(curves)
+
+    best = Path(json.loads((log_run.run_dir / "summary.json").read_text())["best_checkpoint"])
+    logged = [a.path for a in client.list_artifacts(run.info.run_id, best.stem)]
+    assert f"{best.stem}/{best.name}" in logged
+    assert (store / "artifacts").is_dir() and not (REPO / "mlruns").exists()
+
+
+def test_wandb_offline_run_holds_metrics_config_and_checkpoint(log_run: LogRun) -> None:
+    (run_file,) = (log_run.run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert any(f"wandb sync {run_file.parent}" in line for line in log_run.lines)
+    history, config, artifacts = {}, {}, []
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            for item in record.history.item:
+                history.setdefault(item.key or "/".join(item.nested_key), []).append(
+                    json.loads(item.value_json)
+                )
+        elif kind == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif kind == "artifact":
+            artifacts.append((record.artifact.type, [m.path for m in record.artifact.manifest.contents]))
+    curves = tensorboard_scalars(log_run.run_dir)
+    assert history["Dice/val"] == pytest.approx([v for _, v in curves["Dice/val"]])
+    assert {name for name in history if not name.startswith(("_", "trainer/"))} == set(curves)
+    assert config["optimizer"]["lr"] == pytest.approx(1e-4) and config["model"]["out_channels"] == 1
+    assert ("model", ["model.ckpt"]) in artifacts
+
+
 def test_terminal_shows_the_progress_bar_and_keeps_epoch_lines_for_the_log_file(
     tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -109,7 +177,7 @@ def test_terminal_shows_the_progress_bar_and_keeps_epoch_lines_for_the_log_file(
 
     run_dir = tmp_path / "run"
     parent, child = pty.openpty()  # stdout is a terminal; stderr stays a pipe
-    command = train_command(run_dir, cache_dir, "trainer.max_epochs=1", "logger=none")
+    command = train_command(run_dir, cache_dir, "trainer.max_epochs=1", "logger=none", "hydra.verbose=true")
     process = subprocess.Popen(**command, stdout=child, stderr=subprocess.PIPE)
     os.close(child)
     chunks = []
@@ -128,68 +196,10 @@ def test_terminal_shows_the_progress_bar_and_keeps_epoch_lines_for_the_log_file(
     assert "Dice/val" in screen and "Loss/train" in screen and "Epoch 0/0" in screen  # Lightning's bar
     assert not re.search(r"\] - Epoch 1/1 Loss/train=", screen)
     assert sum(bool(EPOCH_LINE.match(line)) for line in (run_dir / "train.log").read_text().splitlines()) == 1
-
-
-def test_mlflow_sqlite_store_holds_params_dice_history_and_best_checkpoint(
-    tmp_path: Path, cache_dir: Path
-) -> None:
-    from mlflow.tracking import MlflowClient
-
-    run_dir = tmp_path / "run"
-    result = train(run_dir, cache_dir, "logger=[tensorboard,mlflow]", env={"SEGLIGHT_ROOT": str(tmp_path)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [line for line in (result.stdout + result.stderr).splitlines() if NOISE.search(line)] == []
-
-    store = tmp_path / "outputs" / "mlflow"  # the default: a sqlite store under the outputs folder
-    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("seglight").experiment_id])
-    assert run.info.status == "FINISHED" and run.info.run_name == "run"
-    params = run.data.params
-    assert params["optimizer.lr"] == "0.0001" and params["data.batch_size"] == "2"
-    assert params["model.out_channels"] == "1"  # the network as built, not "auto"
-    assert not any(key.startswith("net/") for key in params)  # no second copy from Lightning
-    curves = tensorboard_scalars(run_dir)
-    history = client.get_metric_history(run.info.run_id, "Dice/val")
-    assert [m.value for m in history] == pytest.approx([v for _, v in curves["Dice/val"]])
-    assert set(run.data.metrics) == set(curves)
-
-    best = Path(json.loads((run_dir / "summary.json").read_text())["best_checkpoint"])
-    logged = [a.path for a in client.list_artifacts(run.info.run_id, best.stem)]
-    assert f"{best.stem}/{best.name}" in logged
-    assert (store / "artifacts").is_dir() and not (REPO / "mlruns").exists()
-
-
-def test_wandb_offline_run_holds_metrics_config_and_checkpoint(tmp_path: Path, cache_dir: Path) -> None:
-    run_dir = tmp_path / "run"
-    home = tmp_path / "home"  # no W&B account, no netrc
-    home.mkdir()
-    env = {"WANDB_MODE": "offline", "HOME": str(home), "WANDB_API_KEY": ""}
-    result = train(run_dir, cache_dir, "logger=wandb", "hydra.verbose=true", env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout + result.stderr
     # hydra.verbose=true shows what is otherwise filtered, each distinct warning once.
-    assert sum("always_return_as_numpy" in line for line in out.splitlines()) == 1 and "LeafSpec" in out
-    assert "wandb sync" in out
-
-    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    history, config, artifacts = {}, {}, []
-    for record in wandb_records(run_file):
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            for item in record.history.item:
-                history.setdefault(item.key or "/".join(item.nested_key), []).append(
-                    json.loads(item.value_json)
-                )
-        elif kind == "config":
-            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
-        elif kind == "artifact":
-            artifacts.append((record.artifact.type, [m.path for m in record.artifact.manifest.contents]))
-    curves = tensorboard_scalars(run_dir) if (run_dir / "tensorboard").exists() else {}
-    assert not curves  # logger=wandb alone
-    assert history["Dice/val"] and len(history["Dice/val"]) == 2 and len(history["Loss/train"]) == 2
-    assert history["Dice/val_best"][-1] == pytest.approx(max(history["Dice/val"]))
-    assert config["optimizer"]["lr"] == pytest.approx(1e-4) and config["model"]["out_channels"] == 1
-    assert ("model", ["model.ckpt"]) in artifacts
+    shown = (screen + stderr).splitlines()
+    assert sum("always_return_as_numpy" in line for line in shown) == 1
+    assert sum("LeafSpec" in line for line in shown) == 1
 
 
 def wandb_records(path: Path):
