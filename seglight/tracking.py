@@ -325,7 +325,7 @@ class ExperimentTracking(Callback):
         for logger in trainer.loggers:
             if _is_mlflow(logger):
                 # MLflow params are flat; the command line's dotted names let a reader repeat a run.
-                logger.log_hyperparams({k: _scalar(v) for k, v in flatten(config).items()})
+                logger.log_hyperparams(flatten(config))
             else:
                 logger.log_hyperparams(config)  # TensorBoard and CSV: hparams.yaml; W&B: the run's config
             if isinstance(logger, TensorBoardLogger):
