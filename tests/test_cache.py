@@ -12,7 +12,7 @@ import torch
 
 from seglight import SegDataModule
 from seglight.data.cache import pipeline_signature, split_pipeline
-from tests.conftest import make_msd_dataset, write_nifti
+from tests.helpers import make_msd_dataset, write_nifti
 
 
 def module(root: Path, tmp_path: Path, **kwargs) -> SegDataModule:

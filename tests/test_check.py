@@ -12,7 +12,7 @@ import pytest
 
 from seglight import SegDataModule
 from seglight.errors import DataError
-from tests.conftest import make_msd_dataset, run_cli, train_on, write_nifti
+from tests.helpers import make_msd_dataset, run_cli, train_on, write_nifti
 
 
 def datamodule(root: Path, tmp_path: Path, **kwargs) -> SegDataModule:

@@ -24,7 +24,7 @@ from seglight.checkpointing import (
 )
 from seglight.errors import ConfigError
 from seglight.train import train
-from tests.conftest import REPO, tiny_config
+from tests.helpers import REPO, tiny_config
 
 # Saves ever newer versions of a 32 MB checkpoint to one path, as training does with last.ckpt.
 WRITER = """

@@ -17,7 +17,7 @@ from seglight import SegModule
 from seglight.data.demo import demo_affine
 from seglight.data.transforms import deterministic_transforms
 from seglight.metrics import HD95Metric, image_spacing, per_class_means, spacing_from_affine
-from tests.conftest import write_nifti
+from tests.helpers import write_nifti
 
 SHAPE = (16, 16, 12)
 SPACING = (0.8, 0.8, 2.5)  # mm, anisotropic like the demo CT

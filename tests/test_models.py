@@ -15,7 +15,7 @@ from seglight import SegModule, compose
 from seglight.builder import build_module
 from seglight.errors import ConfigError
 from seglight.networks import dynunet_kernels_strides, enable_activation_checkpointing
-from tests.conftest import train_in_process
+from tests.helpers import train_in_process
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Small versions of each network and the smallest size it accepts, so a CPU step takes about a second.

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from seglight import SegModule, compose
 from seglight.module import loss_for_task
-from tests.conftest import make_msd_dataset, run_cli, tiny_overrides, train_in_process, write_nifti
+from tests.helpers import make_msd_dataset, run_cli, tiny_overrides, train_in_process, write_nifti
 
 TINY_NET = {
     "_target_": "monai.networks.nets.UNet",

@@ -22,8 +22,7 @@ from omegaconf import OmegaConf
 from seglight import SegDataModule, SegModule, compose
 from seglight.errors import ConfigError, DataError
 from seglight.inference import Predictor, list_inputs, load_checkpoint, predict, safe_load
-from tests.conftest import run_cli
-from tests.test_s3 import S3, s3  # noqa: F401 - the moto S3 server fixture
+from tests.helpers import S3, run_cli
 
 SIZE = [16, 16, 16]
 # Label value -> intensity (the window is -1000..1000, so 0, 0.5 and 1 after windowing).
@@ -278,7 +277,7 @@ def test_cli_writes_the_good_inputs_and_names_the_bad_one(
     assert (out / ".hydra" / "config.yaml").is_file()  # the options that made these masks
 
 
-def test_inputs_under_an_s3_prefix(s3: S3, scans, binary_ckpt: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_inputs_under_an_s3_prefix(s3: S3, scans, binary_ckpt: Path, tmp_path: Path) -> None:
     folder = tmp_path / "upload"
     folder.mkdir()
     for name in ("lps", "oblique"):

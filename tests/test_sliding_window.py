@@ -13,7 +13,7 @@ import torch
 
 from seglight import SegDataModule, SegModule
 from seglight.errors import ConfigError
-from tests.conftest import train_in_process, write_nifti
+from tests.helpers import train_in_process, write_nifti
 
 SHAPE = (40, 36, 24)  # larger than the 16^3 patch along every axis
 SPACING = (1.0, 1.0, 2.0)
