@@ -72,22 +72,6 @@ def write_summary(
     return summary
 
 
-def write_failure_summary(
-    output_dir: str | Path, error: str, wall_time_s: float | None = None
-) -> dict[str, Any]:
-    """Save a ``summary.json`` that records a failed run and why (used by sweeps, which go on after it)."""
-    summary = {
-        "status": "failed",
-        "error": error,
-        "best_dice": None,
-        "best_epoch": None,
-        "wall_time_s": round(wall_time_s, 1) if wall_time_s is not None else None,
-        "output_dir": str(output_dir),
-    }
-    atomic_write_text(Path(output_dir) / "summary.json", json.dumps(summary, indent=2))
-    return summary
-
-
 def checkpoint_epoch(path: str | Path | None) -> int | None:
     """The epoch a checkpoint was saved at, read from the file (cheaply: memory-mapped), or None."""
     if not path or not Path(path).is_file():
