@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seglight.data.cache_files import record_use
 from seglight.errors import ConfigError, DataError
 
 log = logging.getLogger("seglight")
@@ -196,6 +197,7 @@ class RemoteCache:
         size = info.get("size")
         dest = self.local_path(url, info)
         if _complete(dest, size):
+            record_use(dest)
             return dest
         from filelock import FileLock
 
