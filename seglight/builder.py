@@ -20,7 +20,7 @@ from seglight.checkpointing import AtomicCheckpointIO
 from seglight.data.transforms import oriented_geometry
 from seglight.errors import ConfigError
 from seglight.module import SegModule
-from seglight.networks import class_name, resolve_network_config
+from seglight.networks import class_name, normalises_over_batch, resolve_network_config
 
 log = logging.getLogger("seglight")
 
@@ -50,8 +50,21 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SegModule, L.Trainer]
     """Instantiate the data module, the module and the trainer that ``cfg`` describes."""
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg, datamodule)
+    match_data_to_model(datamodule, module)
     trainer = build_trainer(cfg)
     return datamodule, module, trainer
+
+
+def match_data_to_model(datamodule: L.LightningDataModule, module: SegModule) -> None:
+    """Tell the data module what the model needs from the data, for its checks and its training loader.
+
+    Label values must lie in 0..C-1 for the model's C classes (checked when each case is first read), and a
+    network with BatchNorm must never get a training batch of one case (the loader drops such a last batch).
+    """
+    if hasattr(datamodule, "num_classes"):
+        datamodule.num_classes = module.num_classes
+    if hasattr(datamodule, "avoid_batches_of_one"):
+        datamodule.avoid_batches_of_one = normalises_over_batch(module.net)
 
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule | None = None) -> SegModule:

@@ -152,10 +152,20 @@ class SegModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # Label values are checked when each case is first read (seglight.data.checks), not here: reading a
+        # value of a GPU tensor would make every step wait for the GPU.
         image, label = batch["image"], batch["label"]
-        if self.current_epoch == 0:  # every case passes once; later epochs see the same label values
-            self.check_label_values(label, batch)
-        loss = self.loss_fn(self(image), as_float_label(label))
+        try:
+            logits = self(image)
+        except ValueError as exc:
+            if "Expected more than 1 value per channel" not in str(exc):
+                raise
+            raise ConfigError(
+                f"{type(self.net).__name__} normalises over the batch (BatchNorm), and a training batch of "
+                f"{image.shape[0]} reaches a 1x1x1 feature map: use data.batch_size=2 or more, a larger "
+                "data.spatial_size (data.patch_size in patch mode), or instance normalisation (model.norm=instance)"
+            ) from exc
+        loss = self.loss_fn(logits, as_float_label(label))
         self.log("Loss/train", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss
 
@@ -239,7 +249,10 @@ class SegModule(L.LightningModule):
         return (torch.sigmoid(logits.float()) > self.hparams.threshold).to(torch.uint8)
 
     def check_label_values(self, label: torch.Tensor, batch: Mapping[str, Any]) -> None:
-        """DataError naming the case when a label map holds a value the network has no output for."""
+        """DataError naming the case when a label map holds a value the network has no output for.
+
+        Validation only (it waits for the device): SegDataModule checks every case's values when it reads it.
+        """
         top = int(label.max())
         if top < self.num_classes and int(label.min()) >= 0:
             return
@@ -270,6 +283,50 @@ class SegModule(L.LightningModule):
                 scheduler_cfg["warmup_steps"] = round(float(warmup_fraction) * length)
         scheduler = instantiate(scheduler_cfg)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def on_train_start(self) -> None:
+        self.follow_schedule_length()
+
+    def follow_schedule_length(self) -> None:
+        """Stretch an ``auto``-length schedule to this run's length when a checkpoint brought back another one.
+
+        A checkpoint restores the scheduler with the length of the run that saved it; a run extended with a
+        larger ``trainer.max_epochs`` would otherwise keep decaying towards the old end (and stay at the floor).
+        The schedule then follows the new length from the current epoch or step, as if it had been planned
+        for it from the start.
+        """
+        config = dict(self.hparams.scheduler or {})
+        auto = [key for key in LENGTH_KEYS if config.get(key) == AUTO]
+        if not auto or not self.trainer.lr_scheduler_configs:
+            return
+        scheduler_config = self.trainer.lr_scheduler_configs[0]
+        scheduler = scheduler_config.scheduler
+        length = self.schedule_length(scheduler_config.interval)
+        before = {key: getattr(scheduler, key) for key in auto if hasattr(scheduler, key)}
+        if not before or all(value == length for value in before.values()):
+            return
+        for key in before:
+            setattr(scheduler, key, length)
+        if config.get("warmup_fraction") is not None and hasattr(scheduler, "warmup_steps"):
+            scheduler.warmup_steps = round(float(config["warmup_fraction"]) * length)
+        rates = closed_form_rates(scheduler)
+        if rates is None:
+            log.warning(
+                "%s: the schedule's length is now %d, but its current learning rate cannot be recomputed",
+                type(scheduler).__name__,
+                length,
+            )
+            return
+        for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        scheduler._last_lr = list(rates)
+        log.info(
+            "Learning-rate schedule: %d %ss long (was %d in the checkpoint); learning rate now %.3g",
+            length,
+            scheduler_config.interval,
+            next(iter(before.values())),
+            rates[0],
+        )
 
     def schedule_length(self, interval: str) -> int:
         """How many times the scheduler will step: the run's optimiser steps or epochs."""
@@ -311,6 +368,19 @@ def as_float_label(label: torch.Tensor) -> torch.Tensor:
     """A label map as float32 for the loss and metrics. The loaders serve label maps as uint8 (a quarter of the
     bytes to copy and move); the cast runs where the batch already is, on the GPU after the transfer."""
     return label if label.is_floating_point() else label.float()
+
+
+def closed_form_rates(scheduler: Any) -> list[float] | None:
+    """The learning rates ``scheduler`` gives at its current epoch or step, from its formula; None if unknown."""
+    if hasattr(scheduler, "_get_closed_form_lr"):  # CosineAnnealingLR, PolynomialLR, StepLR, ...
+        return [float(rate) for rate in scheduler._get_closed_form_lr()]
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # MONAI's WarmupCosineSchedule
+        step = scheduler.last_epoch
+        return [
+            float(base * rate(step))
+            for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+    return None
 
 
 def build_network(config: Mapping[str, Any]) -> nn.Module:

@@ -306,3 +306,8 @@ def _checkpoint_forward(module: nn.Module) -> None:
         return forward(*args, **kwargs)
 
     module.forward = checkpointed
+
+
+def normalises_over_batch(net: nn.Module) -> bool:
+    """Whether ``net`` has batch normalisation, whose training statistics need more than one value per channel."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())

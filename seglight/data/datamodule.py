@@ -15,7 +15,8 @@ from monai.data import DataLoader, Dataset, ThreadDataLoader
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from seglight.data.cache import CACHE_MODES, cached_dataset
-from seglight.data.checks import DatasetReport, Finding, check_gzip_intact, inspect_cases
+from seglight.data.cache_files import GB, format_size, hold, prune
+from seglight.data.checks import DatasetReport, Finding, check_case_data, inspect_cases
 from seglight.data.datalists import (
     IMAGE,
     LABEL,
@@ -83,6 +84,8 @@ class SegDataModule(L.LightningDataModule):
             keeps it in ``cache_dir`` across runs (invalidated when a file or a transform setting changes);
             ``none`` runs them on every access.
         cache_dir: folder of the ``disk`` cache.
+        cache_max_gb: size limit of the disk cache and the remote-file cache together: after setup, entries
+            are removed least recently used first until they fit (never those a running run uses); None: no limit.
         on_bad_case: ``error`` refuses to train on a dataset with a bad case; ``skip`` leaves such cases out and
             lists them in ``skipped_path``.
         remote: ``cache_dir`` (where ``s3://`` objects are downloaded), ``endpoint_url`` (an S3-compatible
@@ -116,6 +119,7 @@ class SegDataModule(L.LightningDataModule):
         split_path: str | None = None,
         cache: str = "memory",
         cache_dir: str | None = None,
+        cache_max_gb: float | None = None,
         on_bad_case: str = "error",
         skipped_path: str | None = None,
         fold: int | None = None,
@@ -149,6 +153,7 @@ class SegDataModule(L.LightningDataModule):
         self.split_path = split_path
         self.cache = cache
         self.cache_dir = cache_dir
+        self.cache_max_gb = None if cache_max_gb is None else float(cache_max_gb)
         self.on_bad_case = on_bad_case
         self.skipped_path = skipped_path
         self.fold = None if fold is None else int(fold)
@@ -167,6 +172,11 @@ class SegDataModule(L.LightningDataModule):
         self._localized: tuple[list[Case], dict[str, str], list[Finding]] | None = None
         self._failed: dict[str, str] = {}
         self.skipped: list[dict[str, Any]] = []
+        # Set by seglight.build from the model: label values must lie in 0..num_classes-1, and a network with
+        # BatchNorm must not see a training batch of one case.
+        self.num_classes: int | None = None
+        self.avoid_batches_of_one = False
+        self._told_about_drop = False
         self.mode = mode
         self.target_spacing = _floats(target_spacing)
         self.patch_size = [int(s) for s in _plain(patch_size)] if patch_size is not None else None
@@ -194,6 +204,10 @@ class SegDataModule(L.LightningDataModule):
             raise ConfigError(f"data.a_max ({self.a_max}) must be greater than data.a_min ({self.a_min})")
         if self.cache not in CACHE_MODES:
             raise ConfigError(f"data.cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.cache_max_gb is not None and self.cache_max_gb <= 0:
+            raise ConfigError(
+                f"data.cache_max_gb must be a positive number of GB (or null), got {self.cache_max_gb}"
+            )
         if self.on_bad_case not in BAD_CASE_ACTIONS:
             raise ConfigError(
                 f"data.on_bad_case must be one of {', '.join(BAD_CASE_ACTIONS)}, got {self.on_bad_case!r}"
@@ -327,6 +341,11 @@ class SegDataModule(L.LightningDataModule):
             return 1
         return int(shape[3]) if len(shape) == 4 else 1
 
+    def declared_label_values(self) -> set[int]:
+        """Every label value the dataset declares (``data.labels``, else dataset.json's, regions included)."""
+        meta = {"labels": self.labels} if self.labels else self.dataset_meta()
+        return set(self.label_names) | declared_label_values(meta)
+
     def localized_cases(self) -> tuple[list[Case], dict[str, str], list[Finding]]:
         """The cases with every remote file replaced by its local copy (fetched now unless cached).
 
@@ -340,6 +359,7 @@ class SegDataModule(L.LightningDataModule):
         if not urls:
             self._localized = (cases, {}, [])
             return self._localized
+        hold(self.remote_cache.cache_dir)  # pruning keeps what this run fetches or reuses
         fetched, problems = self.remote_cache.fetch_all(urls)
         findings = []
         for index, case in enumerate(cases):
@@ -368,17 +388,16 @@ class SegDataModule(L.LightningDataModule):
         """
         cases, names, fetch_findings = self.localized_cases()
         unfetched = {f.case_index for f in fetch_findings if f.case_index is not None}
-        meta = self.dataset_meta()
-        label_values = declared_label_values({"labels": self.labels} if self.labels else meta)
         report = inspect_cases(
             cases,
             full=full,
             labels=self.label_names,
-            label_values=label_values,
-            channels=declared_channels(meta),
+            label_values=self.declared_label_values(),
+            channels=declared_channels(self.dataset_meta()),
             names=names,
             workers=workers or max(1, self.num_workers),
             exclude=unfetched,
+            num_classes=self.num_classes,
         )
         report.findings[:0] = fetch_findings
         return cases, report
@@ -408,6 +427,35 @@ class SegDataModule(L.LightningDataModule):
         self.train_ds = self._dataset(self.train_cases, train=True)
         self.val_ds = self._dataset(self.val_cases, train=False)
         self._handle_failed_cases()
+        self.limit_caches()
+
+    @property
+    def preprocessed_dir(self) -> Path:
+        """Folder of the ``disk`` preprocessing cache."""
+        return Path(self.cache_dir or default_cache_dir() / "preprocessed").expanduser()
+
+    def limit_caches(self) -> None:
+        """Prune the disk and remote-file caches to ``cache_max_gb``, least recently used first (once per node)."""
+        if self.cache_max_gb is None or getattr(self.trainer, "local_rank", 0) != 0:
+            return
+        limit = int(self.cache_max_gb * GB)
+        result = prune({"preprocessed": self.preprocessed_dir, "remote": self.remote_cache.cache_dir}, limit)
+        if result.removed:
+            log.info(
+                "Caches over data.cache_max_gb=%g: removed %d least recently used entries (%s), %s kept",
+                self.cache_max_gb,
+                result.removed,
+                format_size(result.removed_bytes),
+                format_size(result.kept_bytes),
+            )
+        if result.kept_bytes > limit:
+            log.warning(
+                "Caches hold %s, over data.cache_max_gb=%g: %s of it is in use by this or another running run "
+                "and is kept until it ends",
+                format_size(result.kept_bytes),
+                self.cache_max_gb,
+                format_size(result.in_use_bytes),
+            )
 
     def _handle_failed_cases(self) -> None:
         """Cases that failed to preprocess: refuse to train (``error``) or leave them out (``skip``), recorded."""
@@ -424,9 +472,7 @@ class SegDataModule(L.LightningDataModule):
         self.val_cases = [c for c in self.val_cases if c["case_id"] not in self._failed]
         if self.on_bad_case != "skip":
             return
-        if self.skipped_path:
-            record = {"on_bad_case": "skip", "skipped": self.skipped}
-            atomic_write_text(Path(self.skipped_path), json.dumps(record, indent=2))
+        SkippedCases(self.skipped_path).write(self.skipped)
         if self.skipped:
             log.warning(
                 "Skipping %d bad case(s) (data.on_bad_case=skip), listed in %s: %s",
@@ -554,17 +600,23 @@ class SegDataModule(L.LightningDataModule):
     def _dataset(self, cases: list[Case], train: bool) -> Dataset:
         """The dataset of ``cases``: deterministic part cached per ``cache``; cases that fail go to ``_failed``."""
         transform = self.transforms(train)
-        cache_dir = Path(self.cache_dir or default_cache_dir() / "preprocessed").expanduser()
+        cache_dir = self.preprocessed_dir
+        if self.cache == "disk":
+            hold(cache_dir)  # pruning keeps the entries this run reads
+        _, names, _ = self.localized_cases()
         dataset, failures = cached_dataset(
             cases,
             transform,
             self.cache,
             cache_dir,
             workers=max(1, self.num_workers),
-            verify=check_gzip_intact,
+            verify=CaseCheck(self.declared_label_values(), self.num_classes, names),
             keep_meta=not train,  # training steps need no affine or header; validation metrics need spacing
+            # cache=none: training cases are checked when a loader worker first reads them; validation cases
+            # now, so that every validation (and the best checkpoint) is measured on the same cases.
+            verify_on_read=train,
+            on_bad=SkippedCases(self.skipped_path) if self.on_bad_case == "skip" else None,
         )
-        _, names, _ = self.localized_cases()
         for index, message in failures.items():
             for local, url in names.items():  # name downloaded files by their URL
                 message = message.replace(local, url)
@@ -574,12 +626,37 @@ class SegDataModule(L.LightningDataModule):
     # -- loaders -------------------------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_ds, shuffle=True)
+        return self._loader(self.train_ds, shuffle=True, drop_last=self.last_batch_would_hold_one())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_ds, shuffle=False, batch_size=1)
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+    def last_batch_would_hold_one(self) -> bool:
+        """Whether to drop the last training batch: only for BatchNorm networks, only when it would hold one case.
+
+        BatchNorm cannot normalise one case at a 1x1x1 feature map (small inputs reach one); dropping that batch
+        costs one case per epoch, a different one each epoch as the order is shuffled.
+        """
+        if not self.avoid_batches_of_one or self.train_ds is None:
+            return False
+        if self.mode == "patch" and self.num_samples > 1:
+            return False  # each case brings several patches
+        world = int(getattr(self.trainer, "world_size", 1) or 1) if self.trainer is not None else 1
+        per_rank = -(-len(self.train_ds) // world)  # DistributedSampler pads every rank to this many
+        drop = self.batch_size > 1 and per_rank > self.batch_size and per_rank % self.batch_size == 1
+        if drop and not self._told_about_drop:
+            self._told_about_drop = True
+            log.info(
+                "The network has BatchNorm and %d training cases leave a last batch of one: it is dropped each "
+                "epoch (data.batch_size=%d)",
+                per_rank,
+                self.batch_size,
+            )
+        return drop
+
+    def _loader(
+        self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None, drop_last: bool = False
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError("SegDataModule.setup() must run before the loaders are asked for")
         if self.cache != "none":
@@ -589,16 +666,83 @@ class SegDataModule(L.LightningDataModule):
             # The thread's queue is polled every buffer_timeout seconds, which is also how late the end of an epoch
             # is noticed: MONAI's 10 ms default would add 10 ms to every epoch (a third of a small cached one).
             return ThreadDataLoader(
-                dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, buffer_timeout=0.001
+                dataset,
+                batch_size=batch_size or self.batch_size,
+                shuffle=shuffle,
+                drop_last=drop_last,
+                buffer_timeout=0.001,
             )
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
             shuffle=shuffle,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=False,
         )
+
+
+class CaseCheck:
+    """The voxel check of one case (``check_case_data``) with the dataset's labels and the model's classes.
+
+    A class, not a closure: DataLoader workers receive it pickled, and its public settings enter the disk
+    cache's key (an entry exists only for a case that passed this check).
+    """
+
+    def __init__(self, labels: set[int], num_classes: int | None, names: dict[str, str]) -> None:
+        self.labels = sorted(labels)
+        self.num_classes = num_classes
+        self._names = names  # local copy -> URL, for messages; not part of the cache key
+
+    def __call__(self, case: Case) -> None:
+        check_case_data(case, self.labels, self.num_classes, self._names)
+
+
+class SkippedCases:
+    """A run's ``skipped_cases.json`` (``data.on_bad_case=skip``), which any process of the run may add to.
+
+    With ``data.cache=none`` a bad training case is found by whichever loader worker reads it first; each adds
+    its case under a file lock, so the record of the whole run ends up in one file.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self._reported: set[str] = set()
+
+    def write(self, skipped: list[dict[str, Any]]) -> None:
+        """Record ``skipped`` (case id and problems each), replacing what an earlier session recorded."""
+        if self.path is not None:
+            with self._lock():
+                self._save(skipped)
+
+    def __call__(self, case: Case, message: str) -> None:
+        """Report and record one case found bad while training (training goes on without it)."""
+        case_id = str(case.get("case_id"))
+        if case_id in self._reported:
+            return
+        self._reported.add(case_id)
+        log.warning("Skipping case %s (data.on_bad_case=skip): %s", case_id, message)
+        if self.path is None:
+            return
+        with self._lock():
+            try:
+                skipped = json.loads(self.path.read_text()).get("skipped", [])
+            except (OSError, ValueError, AttributeError):
+                skipped = []
+            if all(entry.get("case_id") != case_id for entry in skipped):
+                self._save([*skipped, {"case_id": case_id, "problems": [message]}])
+
+    def _lock(self) -> Any:
+        from filelock import FileLock
+
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.path.with_name(f".{self.path.name}.lock")))
+
+    def _save(self, skipped: list[dict[str, Any]]) -> None:
+        assert self.path is not None
+        atomic_write_text(self.path, json.dumps({"on_bad_case": "skip", "skipped": skipped}, indent=2))
 
 
 def _paths_of(case: Case) -> list[str]:
