@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 from seglight import SegDataModule
+from seglight.errors import DataError
 from tests.helpers import make_msd_dataset, run_cli, write_nifti
-
-pytestmark = pytest.mark.slow
 
 
 def with_values(path: Path, **voxels: float) -> Path:
@@ -67,6 +66,7 @@ def bad_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
     return root, bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["memory", "disk", "none"])
 def test_bad_training_and_validation_scans_are_skipped_with_the_check_line(
     cache: str, bad_dataset: tuple[Path, dict[str, Path]], tmp_path: Path
@@ -102,6 +102,7 @@ def test_bad_training_and_validation_scans_are_skipped_with_the_check_line(
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_nan_scan_found_by_a_loader_worker_stops_the_run_with_the_check_line(tmp_path: Path) -> None:
     root = make_msd_dataset(tmp_path / "ds", num_cases=4)
     nan_scan = with_values(root / "imagesTr" / "case_2.nii.gz", a=np.nan)
@@ -123,3 +124,20 @@ def test_a_nan_scan_found_by_a_loader_worker_stops_the_run_with_the_check_line(t
     (line,) = check_lines(root, tmp_path)
     assert line.startswith(f"{nan_scan}: has 1 NaN")
     assert result.stderr.strip().splitlines()[-1] == f"seglight.train: error: {line}"
+
+
+def test_without_declared_labels_the_model_classes_bound_the_label_values(tmp_path: Path) -> None:
+    root = make_msd_dataset(tmp_path / "ds", num_cases=3)
+    label = root / "labelsTr" / "case_2.nii.gz"
+    data = np.asanyarray(nib.load(label).dataobj).copy()
+    data[0, 0, 0] = 2
+    write_nifti(label, data)
+    # A datalist without labels: only the model's classes (binary: 0 and 1) say which values can train.
+    datalist = [
+        {"image": str(p), "label": str(p).replace("imagesTr", "labelsTr")} for p in root.glob("imagesTr/*")
+    ]
+    dm = SegDataModule(datalist=datalist, spatial_size=[16, 16, 8], num_workers=0, val_fraction=0.34)
+    dm.num_classes = 2  # what seglight.build sets from the model
+    with pytest.raises(DataError) as error:
+        dm.setup("fit")
+    assert str(error.value).startswith(f"{label}: label values 2 are outside the model's classes 0..1")
