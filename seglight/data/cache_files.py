@@ -100,12 +100,19 @@ class CacheLease:
         record = {"pid": self.pid, "host": socket.gethostname(), "started": self.started, "command": sys.argv}
         # Locked under a temporary name, then renamed: a pruner never sees an unlocked lease of a live run.
         tmp = folder / f".{name}.tmp"
-        tmp.write_text(json.dumps(record))
-        self._fd: int | None = os.open(tmp, os.O_RDWR)
-        if fcntl is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_SH)
-        self.path = folder / f"{name}.json"
-        os.replace(tmp, self.path)
+        self._fd: int | None = None
+        try:
+            tmp.write_text(json.dumps(record))
+            self._fd = os.open(tmp, os.O_RDWR)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)  # OSError where the file system has no locks
+            self.path = folder / f"{name}.json"
+            os.replace(tmp, self.path)
+        except OSError:
+            if self._fd is not None:
+                os.close(self._fd)
+            tmp.unlink(missing_ok=True)
+            raise
         atexit.register(self.release)
 
     @property
@@ -150,8 +157,8 @@ def live_leases(root: Path) -> list[dict[str, Any]]:
             if fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    pass  # locked: its run is alive
+                except OSError:
+                    pass  # locked, so its run is alive (or no locks here: assume it is)
                 else:
                     path.unlink(missing_ok=True)  # nobody holds it: its run ended
                     continue
