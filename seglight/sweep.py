@@ -23,8 +23,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from seglight.errors import find_user_error
+from seglight.io import atomic_write_text
 from seglight.report import write_failure_summary
-from seglight.utils import atomic_write_text
 
 log = logging.getLogger("seglight")
 

@@ -23,10 +23,10 @@ import nibabel as nib
 import numpy as np
 
 from seglight.errors import DataError
+from seglight.io import describe_exception, load_nifti, read_array, unreadable_nifti
 
 log = logging.getLogger("seglight")
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Affines of an image and its label may differ by float rounding of a conversion, not by more.
 AFFINE_TOLERANCE = 1e-3
 PERCENTILES = (0.5, 50.0, 99.5)
@@ -136,9 +136,8 @@ def check_gzip_intact(case: Mapping[str, Any], keys: Sequence[str] = ("image", "
                 while stream.read(1 << 24):
                     pass
         except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(
-                f"{path}: not a readable NIfTI image (truncated or corrupt gzip data: {type(exc).__name__}: "
-                f"{_first_line(exc)})"
+            raise unreadable_nifti(
+                path, f"truncated or corrupt gzip data: {describe_exception(exc)}"
             ) from None
 
 
@@ -280,19 +279,11 @@ def _inspect_case(
 
 
 def _open(path: str) -> tuple[Any, str | None]:
-    p = Path(path)
-    if not p.exists():
-        return None, "file not found"
-    if not p.is_file():
-        return None, "not a file"
+    """(the image, None), or (None, what is wrong with the file) without the path the finding adds."""
     try:
-        img = nib.load(str(p))
-    except Exception as exc:  # nibabel raises several types for foreign or damaged files
-        kind = "not a NIfTI file" if not path.endswith(NIFTI_SUFFIXES) else "not a readable NIfTI image"
-        return None, f"{kind} ({type(exc).__name__}: {_first_line(exc)})"
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        return None, f"not a NIfTI image (nibabel reads it as {type(img).__name__})"
-    return img, None
+        return load_nifti(path), None
+    except DataError as err:
+        return None, str(err).removeprefix(f"{path}: ")
 
 
 def _read(path: str, img: Any, error: Any) -> np.ndarray | None:
@@ -300,14 +291,15 @@ def _read(path: str, img: Any, error: Any) -> np.ndarray | None:
         if path.endswith(".gz"):
             # Decompress the whole stream, so gzip's CRC check runs: a reader that stops at the data's end
             # would miss damage it decodes into plausible-looking voxels.
-            img = type(img).from_bytes(gzip.decompress(Path(path).read_bytes()))
-        return np.asanyarray(img.dataobj)
-    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError: truncated or corrupt data
-        error(
-            path,
-            f"not a readable NIfTI image (truncated or corrupt data: {type(exc).__name__}: "
-            f"{_first_line(exc)})",
-        )
+            try:
+                img = type(img).from_bytes(gzip.decompress(Path(path).read_bytes()))
+            except Exception as exc:  # EOFError, zlib.error, OSError: truncated or corrupt gzip data
+                raise unreadable_nifti(
+                    path, f"truncated or corrupt data: {describe_exception(exc)}"
+                ) from None
+        return read_array(img, path)
+    except DataError as err:
+        error(path, str(err).removeprefix(f"{path}: "))
         return None
 
 
@@ -495,8 +487,3 @@ def _as_list(value: Any) -> list[str]:
 
 def _fmt(shape: Sequence[int]) -> str:
     return "×".join(str(int(s)) for s in shape)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -21,11 +21,11 @@ from typing import Any
 
 from seglight.data.remote import RemoteCache, is_remote, join_path
 from seglight.errors import ConfigError, DataError
+from seglight.io import NIFTI_SUFFIXES
 
 Case = dict[str, Any]
 IMAGE, LABEL = "image", "label"
 LAYOUTS = ("auto", "msd", "nnunet")
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
 def read_dataset_json(root: str | Path, store: RemoteCache | None = None) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def read_nnunet_datalist(
     if missing:
         raise DataError(f"{index}: nnU-Net dataset.json lacks {', '.join(map(repr, missing))}")
     ending = str(meta["file_ending"])
-    if ending not in NIFTI_ENDINGS:
+    if ending not in NIFTI_SUFFIXES:
         raise DataError(f"{index}: file_ending {ending!r} is not supported; seglight reads .nii.gz and .nii")
     channels = sorted(int(c) for c in meta["channel_names"])
     if "dataset" in meta:  # nnU-Net's explicit form: {case: {"images": [...], "label": ...}}
