@@ -6,13 +6,13 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from monai import transforms as mt
 from monai.data import DataLoader, Dataset, ThreadDataLoader
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from seglight.data.cache import CACHE_MODES, cached_dataset
 from seglight.data.checks import DatasetReport, Finding, check_gzip_intact, inspect_cases
@@ -35,18 +35,70 @@ from seglight.data.demo import demo_root, ensure_demo_dataset
 from seglight.data.remote import RemoteCache, default_cache_dir, is_remote, localize_paths
 from seglight.data.splits import holdout_split, load_or_create_folds
 from seglight.data.transforms import (
+    DEFAULT_SPATIAL_SIZE,
     deterministic_transforms,
     oriented_geometry,
     random_transforms,
     resampled_shape,
 )
 from seglight.errors import ConfigError, DataError, SeglightError
-from seglight.utils import atomic_write_text, keep_batch_memory_mapped
+from seglight.io import atomic_write_text, load_nifti
+from seglight.utils import keep_batch_memory_mapped, plain
 
 log = logging.getLogger("seglight")
 
 MODES = ("resize", "patch")
 BAD_CASE_ACTIONS = ("error", "skip")
+# Patch mode's settings (data.patch.*): nnU-Net-like patches at 1.5 x 1.5 x 2 mm, four per volume per step.
+DEFAULT_PATCH: dict[str, Any] = {
+    "size": [96, 96, 96],
+    "target_spacing": [1.5, 1.5, 2.0],
+    "num_samples": 4,
+    "pos_neg_ratio": [1.0, 1.0],
+    "class_ratios": None,
+}
+# The settings of the deterministic transforms (seglight.data.transforms), which prediction replays.
+PREPROCESSING_KEYS = ("spatial_size", "a_min", "a_max", "orientation", "mode", "target_spacing")
+
+
+def patch_settings(patch: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``DEFAULT_PATCH`` updated with ``patch``; an unknown key is a ConfigError naming the known ones."""
+    given = plain(patch) or {}
+    unknown = sorted(set(given) - set(DEFAULT_PATCH))
+    if unknown:
+        raise ConfigError(
+            f"data.patch.{unknown[0]}: not a patch option (the options are {', '.join(DEFAULT_PATCH)})"
+        )
+    return {**DEFAULT_PATCH, **given}
+
+
+def prediction_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """What prediction needs from a data module's settings (its hyperparameters) to read new scans and preprocess
+    them as training did: the image key(s) and the deterministic transforms' settings.
+
+    Reads the settings of older checkpoints too, which kept the patch options at the top level.
+    """
+    settings = plain(dict(hparams))
+    patch = settings.get("patch") or {}
+    result = {"image_key": settings.get("image_key", "image")}
+    for key in PREPROCESSING_KEYS:
+        if key == "target_spacing" and "patch" in settings:
+            result[key] = patch.get("target_spacing", DEFAULT_PATCH["target_spacing"])
+        elif key in settings:
+            result[key] = settings[key]
+    if result.get("mode", "resize") != "patch":
+        result.pop("target_spacing", None)  # resampling is patch mode's
+    return result
+
+
+@dataclass(frozen=True)
+class NetworkInput:
+    """What the network sees: the builder sizes and checks the network from it."""
+
+    size: list[int]  # voxels (x, y, z) of one input
+    option: str  # the option that sets the size, for messages
+    spacing: list[float] | None  # mm per voxel at that size; None when unknown (remote or unreadable data)
+    sliding_window: bool  # whole volumes are segmented by sliding windows of `size` (validation, prediction)
 
 
 def available_cpus() -> int:
@@ -89,13 +141,13 @@ class SegDataModule(L.LightningDataModule):
             store; default ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` or AWS) and ``options`` (more s3fs
             settings, e.g. ``anon: true``). Credentials never go here: they come from the AWS chain.
         mode: ``resize`` (the lab: whole volumes resized to ``spatial_size``) or ``patch`` (volumes resampled to
-            ``target_spacing``, training on random patches, validation on whole volumes by sliding window).
-        target_spacing: patch mode: mm per voxel (x, y, z) after resampling; None keeps each scan's spacing.
-        patch_size: patch mode: training patch size (x, y, z), also the sliding-window size in validation.
-        num_samples: patch mode: patches drawn per volume per step (a batch holds batch_size * num_samples).
-        pos_neg_ratio: patch mode: foreground-centred : background-centred patches (``RandCropByPosNegLabeld``).
-        class_ratios: patch mode: per-class centre ratios, background first (``RandCropByLabelClassesd``);
-            replaces ``pos_neg_ratio`` when given.
+            ``patch.target_spacing``, training on random patches, validation on whole volumes by sliding window).
+        patch: patch mode's settings (defaults in ``DEFAULT_PATCH``): ``size`` (training patch, also the
+            sliding-window size), ``target_spacing`` (mm per voxel after resampling; None keeps each scan's),
+            ``num_samples`` (patches per volume per step: a batch holds batch_size * num_samples),
+            ``pos_neg_ratio`` (foreground- : background-centred patches, ``RandCropByPosNegLabeld``) and
+            ``class_ratios`` (per-class centre ratios, background first, ``RandCropByLabelClassesd``; replaces
+            ``pos_neg_ratio`` when given).
     """
 
     def __init__(
@@ -105,7 +157,7 @@ class SegDataModule(L.LightningDataModule):
         demo: Mapping[str, Any] | None = None,
         image_key: str | Sequence[str] = "image",
         label_key: str = "label",
-        spatial_size: Sequence[int] = (128, 128, 64),
+        spatial_size: Sequence[int] = DEFAULT_SPATIAL_SIZE,
         a_min: float = -1000.0,
         a_max: float = 1000.0,
         orientation: str | None = "RAS",
@@ -125,21 +177,17 @@ class SegDataModule(L.LightningDataModule):
         labels: Mapping[Any, Any] | None = None,
         remote: Mapping[str, Any] | None = None,
         mode: str = "resize",
-        target_spacing: Sequence[float] | None = None,
-        patch_size: Sequence[int] | None = None,
-        num_samples: int = 1,
-        pos_neg_ratio: Sequence[float] = (1.0, 1.0),
-        class_ratios: Sequence[float] | None = None,
+        patch: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Saved into checkpoints (as datamodule_hyper_parameters) so prediction can rebuild the same preprocessing.
         self.save_hyperparameters()
         self.root = root
-        self.datalist = _plain(datalist)
-        self.demo = _plain(demo)
-        self.image_key = _plain(image_key)
+        self.datalist = plain(datalist)
+        self.demo = plain(demo)
+        self.image_key = plain(image_key)
         self.label_key = label_key
-        self.spatial_size = [int(s) for s in _plain(spatial_size)]
+        self.spatial_size = [int(s) for s in plain(spatial_size)]
         self.a_min, self.a_max = float(a_min), float(a_max)
         self.orientation = orientation
         self.batch_size = int(batch_size)
@@ -155,8 +203,8 @@ class SegDataModule(L.LightningDataModule):
         self.num_folds = int(num_folds)
         self.splits_path = splits_path
         self.layout = layout
-        self.labels = _plain(labels)
-        remote = _plain(remote) or {}
+        self.labels = plain(labels)
+        remote = plain(remote) or {}
         self.remote_cache = RemoteCache(
             cache_dir=Path(remote.get("cache_dir") or default_cache_dir() / "remote"),
             endpoint_url=remote.get("endpoint_url"),
@@ -168,11 +216,12 @@ class SegDataModule(L.LightningDataModule):
         self._failed: dict[str, str] = {}
         self.skipped: list[dict[str, Any]] = []
         self.mode = mode
-        self.target_spacing = _floats(target_spacing)
-        self.patch_size = [int(s) for s in _plain(patch_size)] if patch_size is not None else None
-        self.num_samples = int(num_samples)
-        self.pos_neg_ratio = _floats(pos_neg_ratio)
-        self.class_ratios = _floats(class_ratios)
+        self.patch = patch_settings(patch)
+        self.target_spacing = _floats(self.patch["target_spacing"])
+        self.patch_size = [int(s) for s in self.patch["size"]] if self.patch["size"] is not None else None
+        self.num_samples = int(self.patch["num_samples"])
+        self.pos_neg_ratio = _floats(self.patch["pos_neg_ratio"])
+        self.class_ratios = _floats(self.patch["class_ratios"])
         self._validate_options()
         self.train_cases: list[Case] = []
         self.val_cases: list[Case] = []
@@ -217,25 +266,26 @@ class SegDataModule(L.LightningDataModule):
             return
         if self.patch_size is None or len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ConfigError(
-                f"data.patch_size must be three positive sizes (x, y, z), got {self.patch_size}"
+                f"data.patch.size must be three positive sizes (x, y, z), got {self.patch_size}"
             )
         if self.target_spacing is not None and (
             len(self.target_spacing) != 3 or min(self.target_spacing) <= 0
         ):
             raise ConfigError(
-                f"data.target_spacing must be three positive spacings in mm (or null), got {self.target_spacing}"
+                "data.patch.target_spacing must be three positive spacings in mm (or null), "
+                f"got {self.target_spacing}"
             )
         if self.num_samples < 1:
-            raise ConfigError(f"data.num_samples must be at least 1, got {self.num_samples}")
+            raise ConfigError(f"data.patch.num_samples must be at least 1, got {self.num_samples}")
         if self.pos_neg_ratio is None or len(self.pos_neg_ratio) != 2 or min(self.pos_neg_ratio) < 0:
             raise ConfigError(
-                f"data.pos_neg_ratio must be two non-negative numbers, got {self.pos_neg_ratio}"
+                f"data.patch.pos_neg_ratio must be two non-negative numbers, got {self.pos_neg_ratio}"
             )
         if sum(self.pos_neg_ratio) == 0:
-            raise ConfigError("data.pos_neg_ratio must not be [0, 0]")
+            raise ConfigError("data.patch.pos_neg_ratio must not be [0, 0]")
         if self.class_ratios is not None and (min(self.class_ratios) < 0 or sum(self.class_ratios) == 0):
             raise ConfigError(
-                f"data.class_ratios must be non-negative and not all 0, got {self.class_ratios}"
+                f"data.patch.class_ratios must be non-negative and not all 0, got {self.class_ratios}"
             )
 
     # -- where the cases come from -------------------------------------------------------------------------
@@ -320,12 +370,41 @@ class SegDataModule(L.LightningDataModule):
             return len(image)
         try:
             path = self.remote_cache.fetch(image) if is_remote(image) else image
-            import nibabel as nib
-
-            shape = nib.load(str(path)).shape
+            shape = load_nifti(path).shape
         except Exception:  # unreadable: the check at setup names the file
             return 1
         return int(shape[3]) if len(shape) == 4 else 1
+
+    def network_input(self) -> NetworkInput:
+        """What the network sees: its input size (and the option that sets it), the voxel spacing at that size,
+        and whether whole volumes are segmented by sliding windows; works before setup.
+
+        Resize mode: ``spatial_size``, at the first case's spacing scaled by the resizing. Patch mode:
+        ``patch.size`` at ``patch.target_spacing`` (or the first case's own spacing), by sliding windows.
+        """
+        if self.mode == "patch":
+            spacing = self.target_spacing or self._first_case_geometry()[1]
+            return NetworkInput(list(self.patch_size or []), "data.patch.size", spacing, True)
+        shape, spacing = self._first_case_geometry()
+        if shape is not None and spacing is not None:
+            spacing = [s * n / m for s, n, m in zip(spacing, shape, self.spatial_size, strict=True)]
+        return NetworkInput(list(self.spatial_size), "data.spatial_size", spacing, False)
+
+    def _first_case_geometry(self) -> tuple[list[int] | None, list[float] | None]:
+        """(shape, spacing) of the first case's image after reorientation, from its header; Nones if unknown."""
+        try:
+            image = self.read_cases()[0][IMAGE]
+            path = image[0] if isinstance(image, list) else image
+            if is_remote(path):
+                return None, None  # not fetched yet: nothing is downloaded just to size the network
+            return oriented_geometry(str(path), self.orientation)
+        except (SeglightError, IndexError, OSError):  # no data yet (the demo before generation) or unreadable
+            return None, None
+
+    def prediction_settings(self) -> dict[str, Any]:
+        """What prediction needs to read new scans and preprocess them as this data module does; saved with the
+        model (``SegModule``'s ``data``) so that a checkpoint predicts on its own."""
+        return prediction_settings(self.hparams)
 
     def localized_cases(self) -> tuple[list[Case], dict[str, str], list[Finding]]:
         """The cases with every remote file replaced by its local copy (fetched now unless cached).
@@ -518,7 +597,7 @@ class SegDataModule(L.LightningDataModule):
         names = self.label_names
         if self.class_ratios is not None and names and len(self.class_ratios) != len(names):
             raise ConfigError(
-                f"data.class_ratios has {len(self.class_ratios)} entries but the dataset has {len(names)} label "
+                f"data.patch.class_ratios has {len(self.class_ratios)} entries but the dataset has {len(names)} label "
                 f"classes ({', '.join(f'{v} {n}' for v, n in sorted(names.items()))}): give one ratio per class"
             )
         shapes: dict[str, list[int]] = {}
@@ -542,13 +621,14 @@ class SegDataModule(L.LightningDataModule):
         if len(too_small) > 1:
             culprit += f" and {len(too_small) - 1} more"
         where = (
-            f"at data.target_spacing={self.target_spacing} mm"
+            f"at data.patch.target_spacing={self.target_spacing} mm"
             if self.target_spacing
             else "at its own spacing"
         )
         raise ConfigError(
-            f"data.patch_size={self.patch_size} is larger than the volume: case {culprit} {where}; "
-            f"use data.patch_size no larger than {smallest} (the smallest volume), or a finer data.target_spacing"
+            f"data.patch.size={self.patch_size} is larger than the volume: case {culprit} {where}; "
+            f"use data.patch.size no larger than {smallest} (the smallest volume), or a finer "
+            "data.patch.target_spacing"
         )
 
     def _dataset(self, cases: list[Case], train: bool) -> Dataset:
@@ -620,11 +700,4 @@ def _log_warnings(report: DatasetReport, limit: int = 5) -> None:
 
 
 def _floats(value: Any) -> list[float] | None:
-    return [float(v) for v in _plain(value)] if value is not None else None
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain Python, so hyperparameters and JSON stay simple."""
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
+    return [float(v) for v in plain(value)] if value is not None else None
