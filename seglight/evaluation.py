@@ -1,7 +1,11 @@
-"""Score predicted masks against ground truth: ``python -m seglight.evaluate pred=<folder> gt=<folder or dataset>``.
+"""Scoring predicted masks against ground truth (the library behind ``python -m seglight.evaluate``).
 
-Writes ``metrics.csv`` (one row per case: Dice, HD95 in mm, predicted and true volume in ml, per label) and
-``metrics_summary.json``, and prints mean ± std per label. Cases missing on either side are listed in both.
+``evaluate`` writes ``metrics.csv`` (one row per case: Dice, HD95 in mm, predicted and true volume in ml, per
+label) and ``metrics_summary.json``; cases missing on either side are listed in both. With
+``determine_postprocessing`` it also scores each label with only its largest connected component kept and
+writes ``postprocessing.json`` naming the labels where that raised the mean Dice (nnU-Net's rule), which
+``seglight.predict`` takes as ``postprocess.largest_component=<file>``. ``evaluate_after_training`` predicts a
+run's held-out cases with its best checkpoint and scores them.
 """
 
 from __future__ import annotations
@@ -11,18 +15,13 @@ import io
 import json
 import logging
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
-import nibabel as nib
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance
-from omegaconf import DictConfig, OmegaConf
 
 from seglight.data.datalists import (
     IMAGE,
@@ -34,12 +33,14 @@ from seglight.data.datalists import (
     read_msd_datalist,
     read_nnunet_datalist,
 )
-from seglight.errors import ConfigError, DataError, reported_errors
-from seglight.utils import atomic_write_text
+from seglight.errors import DataError
+from seglight.inference import InputCase, Predictor, predict_cases
+from seglight.io import NIFTI_SUFFIXES, atomic_write_text, load_nifti, read_array, spacing_from_affine
+from seglight.metrics import hd95_mm
+from seglight.postprocessing import keep_largest_component, write_plan
 
 log = logging.getLogger("seglight")
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 OK, MISSING_PRED, MISSING_GT = "ok", "missing prediction", "missing ground truth"
 METRICS = ("dice", "hd95_mm", "pred_ml", "true_ml")
 
@@ -47,40 +48,24 @@ METRICS = ("dice", "hd95_mm", "pred_ml", "true_ml")
 # -- one pair of masks ---------------------------------------------------------------------------------------------
 
 
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
-    """Voxel size (mm) along each array axis: the lengths of the affine's columns (right for oblique scans too)."""
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-
-
 def label_metrics(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, label: int) -> dict[str, float]:
     """Dice, HD95 (mm), predicted and true volume (ml) of one label value in two masks on the same grid.
 
-    Conventions for empty masks, as in training's validation metrics (``seglight.metrics``): a label absent
-    from both has nothing to measure (Dice and HD95 NaN, left out of means); a label in only one of them has
-    Dice 0 and HD95 the length of the volume's diagonal, the largest distance it allows, so a missed
-    structure is never rewarded.
+    Empty masks follow training's validation metrics (``seglight.metrics.hd95_mm``): a label absent from both
+    has nothing to measure (Dice and HD95 NaN, left out of means); a label in only one of them has Dice 0 and
+    HD95 the length of the volume's diagonal, the largest distance it allows, so a missed structure is never
+    rewarded.
     """
     p, g = pred == label, gt == label
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
     n_pred, n_true = int(p.sum()), int(g.sum())
     result = {"pred_ml": n_pred * voxel_ml, "true_ml": n_true * voxel_ml}
-    spacing = voxel_spacing(affine)
     if n_pred == 0 and n_true == 0:
         return {"dice": math.nan, "hd95_mm": math.nan, **result}
-    if n_pred == 0 or n_true == 0:
-        diagonal = float(np.linalg.norm(np.array(gt.shape, dtype=np.float64) * spacing))
-        return {"dice": 0.0, "hd95_mm": diagonal, **result}
     dice = 2.0 * int(np.logical_and(p, g).sum()) / (n_pred + n_true)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hd95 = compute_hausdorff_distance(
-            torch.from_numpy(p)[None, None],
-            torch.from_numpy(g)[None, None],
-            include_background=True,
-            percentile=95,
-            spacing=spacing.tolist(),
-        )
-    return {"dice": dice, "hd95_mm": float(hd95.item()), **result}
+    spacing = spacing_from_affine(affine).tolist()
+    hd95 = hd95_mm(torch.from_numpy(p)[None, None], torch.from_numpy(g)[None, None], [spacing])
+    return {"dice": dice, "hd95_mm": float(hd95[0, 0]), **result}
 
 
 # -- finding the cases ---------------------------------------------------------------------------------------------
@@ -136,6 +121,8 @@ class Evaluation:
     labels: list[int]
     label_names: dict[int, str]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # Per label: mean Dice as predicted and with only the largest component kept, and whether to keep it.
+    postprocessing: dict[int, dict[str, Any]] | None = None
 
     def cases(self, status: str) -> list[str]:
         """Cases with this status (``ok``, ``missing prediction``, ``missing ground truth`` or an error)."""
@@ -161,7 +148,7 @@ class Evaluation:
                     "n": int(values.size),
                 }
             per_label[str(label)] = {"name": self.label_names.get(label, f"label {label}"), **stats}
-        return {
+        summary: dict[str, Any] = {
             "cases": len(scored),
             "labels": per_label,
             MISSING_PRED: self.cases(MISSING_PRED),
@@ -170,6 +157,13 @@ class Evaluation:
                 r["case"]: r["status"] for r in self.problems if r["status"] not in (MISSING_PRED, MISSING_GT)
             },
         }
+        if self.postprocessing is not None:
+            summary["largest_component"] = {str(k): v for k, v in self.postprocessing.items()}
+        return summary
+
+    def postprocessing_labels(self) -> list[int]:
+        """The labels whose mean Dice keeping only the largest component raised (empty before it is scored)."""
+        return sorted(k for k, v in (self.postprocessing or {}).items() if v["keep"])
 
     def csv_text(self) -> str:
         """The rows as CSV: case, status, then dice/hd95_mm/pred_ml/true_ml for each label (``dice_1``...)."""
@@ -197,29 +191,47 @@ class Evaluation:
         for row in self.problems:
             if row["status"] not in (MISSING_PRED, MISSING_GT):
                 lines.append(f"  not scored: {row['case']}: {row['status']}")
+        for label, result in (self.postprocessing or {}).items():
+            before, after = (_fmt(result[k]) for k in ("dice", "dice_largest_component"))
+            verdict = "keep the largest component" if result["keep"] else "leave as predicted"
+            name = self.label_names.get(label, f"label {label}")
+            lines.append(f"  largest component of {label} ({name}): Dice {before} -> {after}: {verdict}")
         return "\n".join(lines)
 
 
 def evaluate(
-    pred: str | Path,
+    pred: str | Path | Sequence[str | Path],
     gt: Any,
     output: str | Path | None = None,
     labels: Sequence[int] | None = None,
     label_key: str = "label",
     label_names: Mapping[int, str] | None = None,
+    determine_postprocessing: bool = False,
 ) -> Evaluation:
     """Compare every mask in ``pred`` with its ground truth; write ``metrics.csv`` and ``metrics_summary.json``.
 
     Args:
-        pred: folder of ``<case>.nii.gz`` masks.
+        pred: folder of ``<case>.nii.gz`` masks, or a list of folders (the validation folds of a
+            cross-validation, each run's ``test/predictions``).
         gt: folder of ``<case>.nii.gz`` labels, a dataset (folder with ``dataset.json``, or the file), or a list
             of cases (``case_id`` and ``label``).
-        output: folder for the results (default ``pred``).
+        output: folder for the results (default ``pred``, the first one if several).
         labels: label values to score (default: the dataset's labels, else every value present but 0).
         label_key: the labels' key in a dataset.json's entries.
         label_names: label value -> name, for the summary (default: the dataset's).
+        determine_postprocessing: also score each label with only its largest connected component kept, and
+            write ``postprocessing.json`` naming the labels where that raises the mean Dice.
     """
-    predictions = masks_in_folder(pred, "pred")
+    folders = [pred] if isinstance(pred, str | Path) else list(pred)
+    if not folders:
+        raise DataError("pred=[]: give a folder of predicted masks")
+    predictions: dict[str, str] = {}
+    for folder in folders:
+        for case, file in masks_in_folder(folder, "pred").items():
+            if case in predictions:
+                raise DataError(f"pred: the case {case} is in two folders: {predictions[case]} and {file}")
+            predictions[case] = file
+    pred_text = str(folders[0]) if len(folders) == 1 else "[" + ",".join(map(str, folders)) + "]"
     truths, names = ground_truth(gt, label_key)
     if not isinstance(gt, str | Path):
         gt = "<the given cases>"
@@ -228,7 +240,7 @@ def evaluate(
         raise DataError(f"gt={gt}: no ground-truth masks found")
     if not set(predictions) & set(truths):
         raise DataError(
-            f"pred={pred} and gt={gt} have no case in common (predictions: {_some(predictions)}; "
+            f"pred={pred_text} and gt={gt} have no case in common (predictions: {_some(predictions)}; "
             f"ground truth: {_some(truths)}); masks are matched by file name"
         )
     chosen = [int(v) for v in labels] if labels else sorted(v for v in names if v != 0)
@@ -239,7 +251,9 @@ def evaluate(
         elif case not in truths:
             rows.append({"case": case, "status": MISSING_GT})
         else:
-            rows.append(_score_case(case, predictions[case], truths[case], chosen or None))
+            rows.append(
+                _score_case(case, predictions[case], truths[case], chosen or None, determine_postprocessing)
+            )
     if not chosen:  # the dataset does not name its labels: every value found in any case
         chosen = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r if k.startswith("dice_")}) or [1]
     for row in rows:
@@ -249,17 +263,35 @@ def evaluate(
                 row.setdefault(f"hd95_mm_{label}", math.nan)
                 row.setdefault(f"pred_ml_{label}", 0.0)
                 row.setdefault(f"true_ml_{label}", 0.0)
+                if determine_postprocessing:
+                    row.setdefault(f"{LARGEST}dice_{label}", math.nan)
     evaluation = Evaluation(labels=chosen, label_names={k: v for k, v in names.items()}, rows=rows)
-    out = Path(output if output is not None else pred)
+    out = Path(output if output is not None else folders[0])
+    if determine_postprocessing:
+        evaluation.postprocessing = _compare_largest_component(evaluation)
+        write_plan(
+            out,
+            evaluation.postprocessing_labels(),
+            {"mean_dice": {str(k): v for k, v in evaluation.postprocessing.items()}},
+        )
     atomic_write_text(out / "metrics.csv", evaluation.csv_text())
     atomic_write_text(out / "metrics_summary.json", json.dumps(evaluation.summary(), indent=2))
     return evaluation
 
 
-def _score_case(case: str, pred_file: str, gt_file: str, labels: Sequence[int] | None) -> dict[str, Any]:
-    """One row: the metrics of ``labels`` (default: every value in either mask but 0), or why it cannot be scored."""
+# Row keys of the scores with only the largest component kept (not written to metrics.csv).
+LARGEST = "largest_component_"
+
+
+def _score_case(
+    case: str, pred_file: str, gt_file: str, labels: Sequence[int] | None, largest: bool = False
+) -> dict[str, Any]:
+    """One row: the metrics of ``labels`` (default: every value in either mask but 0), or why it cannot be scored.
+
+    With ``largest``, also the Dice of each label with only its largest connected component kept.
+    """
     try:
-        pred_img, gt_img = _load(pred_file), _load(gt_file)
+        pred_img, gt_img = load_nifti(pred_file), load_nifti(gt_file)
         pred_shape, gt_shape = pred_img.shape[:3], gt_img.shape[:3]
         if pred_shape != gt_shape:
             return {
@@ -280,28 +312,43 @@ def _score_case(case: str, pred_file: str, gt_file: str, labels: Sequence[int] |
     for label in labels:
         for metric, value in label_metrics(p, g, gt_img.affine, int(label)).items():
             row[f"{metric}_{int(label)}"] = value
+        if largest:
+            kept = keep_largest_component(p, [int(label)])
+            row[f"{LARGEST}dice_{int(label)}"] = label_metrics(kept, g, gt_img.affine, int(label))["dice"]
     return row
+
+
+def _compare_largest_component(evaluation: Evaluation) -> dict[int, dict[str, Any]]:
+    """Per label: mean Dice over the scored cases as predicted and with the largest component kept; keep it
+    where the mean rose (nnU-Net's rule: strictly better on the validation cases)."""
+    scored = [r for r in evaluation.rows if r["status"] == OK]
+    result: dict[int, dict[str, Any]] = {}
+    for label in evaluation.labels:
+        before = _nanmean([r.get(f"dice_{label}", math.nan) for r in scored])
+        after = _nanmean([r.get(f"{LARGEST}dice_{label}", math.nan) for r in scored])
+        keep = before is not None and after is not None and after > before
+        result[label] = {"dice": before, "dice_largest_component": after, "keep": keep}
+    return result
+
+
+def _nanmean(values: Sequence[float]) -> float | None:
+    finite = [float(v) for v in values if not math.isnan(float(v))]
+    return float(np.mean(finite)) if finite else None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _label_array(image: Any, path: str) -> np.ndarray:
     """The mask's voxels as integer label values (3D)."""
-    try:
-        data = np.asanyarray(image.dataobj)
-    except Exception as exc:  # a truncated file fails only when its data is read
-        raise DataError(f"{path}: the image data cannot be read ({type(exc).__name__}: {exc})") from None
+    data = read_array(image, path)
     data = data.reshape(data.shape[:3]) if data.ndim > 3 and all(n == 1 for n in data.shape[3:]) else data
     if data.ndim != 3:
         raise DataError(f"{path}: a mask must be a 3D label image, this one has shape {data.shape}")
     if np.issubdtype(data.dtype, np.floating):
         data = np.rint(data)
     return data.astype(np.int32, copy=False)
-
-
-def _load(path: str) -> Any:
-    try:
-        return nib.load(path)
-    except Exception as exc:  # nibabel raises several types for damaged or foreign files
-        raise DataError(f"{path}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
 
 
 def _cell(value: Any) -> Any:
@@ -329,8 +376,6 @@ def evaluate_after_training(trainer: Any, datamodule: Any, output_dir: str | Pat
 
     Returns the summary (also in ``test/metrics_summary.json``), or None when there is nothing to test.
     """
-    from seglight.inference import InputCase, Predictor, load_checkpoint, predict_cases
-
     if not trainer.is_global_zero:
         return None
     callback = trainer.checkpoint_callback
@@ -341,10 +386,8 @@ def evaluate_after_training(trainer: Any, datamodule: Any, output_dir: str | Pat
         return None
     folder = Path(output_dir) / "test"
     log.info("Testing %s on the %d held-out case(s) -> %s", ckpt, len(cases), folder)
-    loaded = load_checkpoint(ckpt)
-    predictor = Predictor(loaded.module, loaded.data)
     report = predict_cases(
-        predictor, [InputCase(str(c["case_id"]), c[IMAGE]) for c in cases], folder / "predictions"
+        Predictor(ckpt), [InputCase(str(c["case_id"]), c[IMAGE]) for c in cases], folder / "predictions"
     )
     names = dict(getattr(datamodule, "label_names", None) or {})
     labels = sorted(int(v) for v in names if int(v) != 0) or None
@@ -352,33 +395,3 @@ def evaluate_after_training(trainer: Any, datamodule: Any, output_dir: str | Pat
     log.info("Test on held-out cases (metrics: %s):\n%s", folder / "metrics.csv", evaluation.describe())
     report.raise_for_failures()
     return evaluation.summary()
-
-
-# -- command line --------------------------------------------------------------------------------------------------
-
-
-def run(cfg: DictConfig) -> Evaluation:
-    """Evaluate as conf/evaluate.yaml describes, print the summary and return it."""
-    for key in ("pred", "gt"):
-        if not cfg.get(key):
-            raise ConfigError(
-                f"{key}= is required, e.g. python -m seglight.evaluate pred=<folder> gt=<folder>"
-            )
-    labels = OmegaConf.to_container(cfg.labels) if cfg.get("labels") is not None else None
-    if labels is not None and not isinstance(labels, list):
-        labels = [labels]
-    evaluation = evaluate(cfg.pred, cfg.gt, output=cfg.output, labels=labels, label_key=cfg.label_key)
-    print(evaluation.describe(), flush=True)
-    print(f"Per-case metrics: {Path(cfg.output) / 'metrics.csv'}", flush=True)
-    return evaluation
-
-
-@hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    """Command-line entry point."""
-    with reported_errors("seglight.evaluate"):
-        run(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,15 +1,13 @@
-"""Pictures: the lab's three panels (input, ground truth, prediction) and the training progress plot.
+"""Pictures: the reference lab's three panels (input, ground truth, prediction) and the training progress plot.
 
 Drawn with matplotlib's object API on the Agg canvas (no display, no pyplot state), so the same code works in
 training jobs, tests and notebooks. ``python -m seglight.viz image=<scan> [label=<mask>] [pred=<mask>]
-out=<png>`` draws the panels for NIfTI files in their own geometry.
+out=<png>`` (``seglight/viz.py``) draws the panels for NIfTI files in their own geometry.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from seglight.errors import ConfigError, DataError, reported_errors
+from seglight.errors import ConfigError, DataError
+from seglight.io import atomic_path, load_nifti, read_array, spacing_from_affine
 
 log = logging.getLogger("seglight")
 
@@ -145,24 +144,16 @@ def nifti_figure(
             raise DataError(
                 f"{name}: not on the image's voxel grid (shape or affine differs), cannot overlay"
             )
-    arrays = [
-        None if x is None else np.asanyarray(x.dataobj)[..., 0] if x.ndim == 4 else np.asanyarray(x.dataobj)
-        for x in images
-    ]
-    spacing = np.linalg.norm(reference.affine[:3, :3], axis=0)
+    arrays = [None if x is None else _volume(x) for x in images]
+    spacing = spacing_from_affine(reference.affine)
     return three_panel_figure(arrays[0], arrays[1], arrays[2], spacing=spacing, slice=slice, title=title)
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as PNG through a temporary file and a rename (readers never see half a picture)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial.png")
-    try:
+    with atomic_path(path) as tmp:
         FigureCanvasAgg(fig).print_png(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -186,11 +177,14 @@ def _array(value: Any) -> np.ndarray:
 
 def _canonical(value: Any) -> Any:
     if isinstance(value, str | Path):
-        try:
-            value = nib.load(str(value))
-        except Exception as exc:  # nibabel raises several types for damaged or foreign files
-            raise DataError(f"{value}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
+        value = load_nifti(value)
     return nib.as_closest_canonical(value)
+
+
+def _volume(image: Any) -> np.ndarray:
+    """The first 3D volume of an image (the first channel of a 4D one)."""
+    data = read_array(image, image.get_filename() or "the image")
+    return data[..., 0] if data.ndim == 4 else data
 
 
 # -- during training: a picture in TensorBoard, and progress.png at the end ----------------------------------------
@@ -244,10 +238,14 @@ class ValidationPicture(L.Callback):
         if not loggers or not self._due(trainer):
             return
         image = batch["image"][:1]
-        pred = predicted_labels(pl_module, image)
+        with torch.no_grad():  # segmented as validation does: whole volume, or sliding windows in patch mode
+            pred = pl_module.labels(pl_module.probabilities(pl_module.infer(image)))[0, 0]
         label = batch.get("label")
         label = None if label is None else (label[0, 0] if label.shape[1] == 1 else label[0].argmax(0))
-        spacing = _spacing(image)
+        affine = getattr(image, "affine", None)
+        spacing = (
+            [1.0, 1.0, 1.0] if affine is None else spacing_from_affine(affine).reshape(-1, 3)[0].tolist()
+        )
         fig = three_panel_figure(
             image[0, 0],
             label,
@@ -261,28 +259,6 @@ class ValidationPicture(L.Callback):
             logger.experiment.add_image(
                 self.tag, picture, global_step=trainer.current_epoch, dataformats="HWC"
             )
-
-
-@torch.no_grad()
-def predicted_labels(module: L.LightningModule, image: torch.Tensor) -> torch.Tensor:
-    """The module's label map for one preprocessed image ``(1, C, ...)``, segmented as validation does."""
-    from seglight.inference import activate
-
-    infer = getattr(module, "infer", None)  # whole volume, or sliding windows in patch mode
-    logits = infer(image) if callable(infer) else module(image)
-    probs = activate(torch.as_tensor(logits).float())[0]
-    if probs.shape[0] == 1:
-        return (probs[0] > float(getattr(module.hparams, "threshold", 0.5))).to(torch.uint8)
-    return probs.argmax(0).to(torch.uint8)
-
-
-def _spacing(image: torch.Tensor) -> list[float]:
-    affine = getattr(image, "affine", None)
-    if affine is None:
-        return [1.0, 1.0, 1.0]
-    a = torch.as_tensor(affine).detach().cpu().double()
-    a = a[0] if a.ndim == 3 else a
-    return torch.linalg.norm(a[:3, :3], dim=0).tolist()
 
 
 class ProgressPlot(L.Callback):
@@ -360,40 +336,3 @@ def progress_figure(history: Mapping[str, Mapping[int, float]]) -> Figure:
     if not any(history.get(name) for name in ProgressPlot.SERIES):
         fig.suptitle("no epochs recorded")
     return fig
-
-
-# -- command line --------------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m seglight.viz image=<scan> [label=<mask>] [pred=<mask>] [out=<png>] [slice=max|middle]``."""
-    with reported_errors("seglight.viz"):
-        options = _parse(sys.argv[1:] if argv is None else argv)
-        out = Path(options.get("out") or Path(options["image"]).name.split(".")[0] + "_overlay.png")
-        fig = nifti_figure(
-            options["image"],
-            options.get("label"),
-            options.get("pred"),
-            slice=options.get("slice", "max"),
-            title=options.get("title") or Path(options["image"]).name,
-        )
-        print(f"Wrote {save_figure(fig, out)}", flush=True)
-
-
-def _parse(argv: Sequence[str]) -> dict[str, str]:
-    known = ("image", "label", "pred", "out", "slice", "title")
-    options: dict[str, str] = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in known:
-            raise ConfigError(f"{arg!r}: expected key=value with key one of {', '.join(known)}")
-        options[key] = value
-    if not options.get("image"):
-        raise ConfigError(
-            "image= is required: python -m seglight.viz image=<scan> label=<mask> pred=<mask> out=<png>"
-        )
-    return options
-
-
-if __name__ == "__main__":
-    main()

@@ -101,7 +101,6 @@ def make_msd_dataset(root: Path, num_cases: int = 4, shape=(20, 20, 12), label_k
     return root
 
 
-# --- issue 5 helpers ---
 def tiny_config(run_dir: Path, *overrides: str):
     """The tiny run's config composed in-process (as ``seglight.compose`` does in a notebook), writing to ``run_dir``."""
     from seglight import compose
@@ -137,3 +136,18 @@ def train_in_process(overrides: list[str], run_dir: Path) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     return 0
+
+
+def run_script(name: str, *args: str, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run an installed console script (``seglight-predict args``) as a user would, with the test cache."""
+    script = Path(sys.executable).parent / name
+    assert script.is_file(), f"{script} is not installed: run pip install -e . to install the console scripts"
+    env = {
+        **os.environ,
+        "SEGLIGHT_CACHE_DIR": str(cache),
+        "HYDRA_FULL_ERROR": "0",
+        "PYTHONWARNINGS": "ignore",
+    }
+    return subprocess.run(
+        [str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )

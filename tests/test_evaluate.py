@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from seglight import compose
 from seglight.errors import DataError
-from seglight.evaluate import evaluate, run
+from seglight.evaluate import run
+from seglight.evaluation import evaluate
 from tests.conftest import run_cli, tiny_overrides
 
 SPACING = (1.0, 1.0, 2.0)  # a voxel is 2 mm^3 = 0.002 ml
