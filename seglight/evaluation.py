@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 
+from seglight.data import SegDataModule
 from seglight.data.datalists import (
     IMAGE,
     LABEL,
@@ -371,7 +373,9 @@ def _some(cases: Mapping[str, str]) -> str:
 # -- after training ------------------------------------------------------------------------------------------------
 
 
-def evaluate_after_training(trainer: Any, datamodule: Any, output_dir: str | Path) -> dict[str, Any] | None:
+def evaluate_after_training(
+    trainer: L.Trainer, datamodule: SegDataModule, output_dir: str | Path
+) -> dict[str, Any] | None:
     """Predict the held-out cases with the best checkpoint and score them into ``<output_dir>/test/``.
 
     Returns the summary (also in ``test/metrics_summary.json``), or None when there is nothing to test.
@@ -380,7 +384,7 @@ def evaluate_after_training(trainer: Any, datamodule: Any, output_dir: str | Pat
         return None
     callback = trainer.checkpoint_callback
     ckpt = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
-    cases = list(getattr(datamodule, "val_cases", []) or [])
+    cases = list(datamodule.val_cases)
     if not ckpt or not cases:
         log.warning("test=true: no checkpoint or no held-out cases, nothing to test")
         return None
@@ -389,7 +393,7 @@ def evaluate_after_training(trainer: Any, datamodule: Any, output_dir: str | Pat
     report = predict_cases(
         Predictor(ckpt), [InputCase(str(c["case_id"]), c[IMAGE]) for c in cases], folder / "predictions"
     )
-    names = dict(getattr(datamodule, "label_names", None) or {})
+    names = datamodule.label_names
     labels = sorted(int(v) for v in names if int(v) != 0) or None
     evaluation = evaluate(folder / "predictions", cases, output=folder, labels=labels, label_names=names)
     log.info("Test on held-out cases (metrics: %s):\n%s", folder / "metrics.csv", evaluation.describe())

@@ -138,7 +138,9 @@ def train_in_process(overrides: list[str], run_dir: Path) -> int:
     return 0
 
 
-def run_script(name: str, *args: str, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(
+    name: str, *args: str, cache: Path, cwd: Path = REPO, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """Run an installed console script (``seglight-predict args``) as a user would, with the test cache."""
     script = Path(sys.executable).parent / name
     assert script.is_file(), f"{script} is not installed: run pip install -e . to install the console scripts"
@@ -149,5 +151,5 @@ def run_script(name: str, *args: str, cache: Path, timeout: int = 300) -> subpro
         "PYTHONWARNINGS": "ignore",
     }
     return subprocess.run(
-        [str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
