@@ -131,7 +131,13 @@ def safe_load(path: str | Path, option: str | None = None, mmap: bool = False) -
     )
     try:
         with allowed:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                if not mmap or "mmap" not in str(exc):
+                    raise
+                # Written by torch.save's legacy (non-zip) format, which cannot be memory-mapped: read it whole.
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if wanted is None:  # not a pickle PyTorch can read at all

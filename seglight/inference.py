@@ -319,14 +319,11 @@ class Predictor:
         """Class probabilities ``(B, C, ...)`` of a preprocessed batch, by sliding window (and flips)."""
         image = image.to(self.device)
         flips = _flip_sets(image.ndim - 2) if self.tta else [()]
-        settings = dict(self.inference)
-        if settings.get("roi_size") is None and module.hparams.inference.get("roi_size") is None:
-            settings.pop("roi_size", None)  # the whole (resized) volume at once, as in training
         total: torch.Tensor | None = None
         for dims in flips:
             x = torch.flip(image, dims) if dims else image
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                logits = module.infer(x, settings)
+                logits = module.infer(x, self.inference)
             probs = module.probabilities(logits)
             probs = torch.flip(probs, dims) if dims else probs
             total = probs if total is None else total + probs
