@@ -257,8 +257,9 @@ class Predictor:
         self.device = resolve_device(device)
         self.tta = bool(tta)
         self.amp = bool(amp) and self.device.type == "cuda"
-        self._network: str | None = None
+        self._network: str | None = None  # the config of the network in memory
         self._module: SegModule | None = None
+        self._loaded: Model | None = None  # whose weights it holds
         self._check_weights()
         names = self.models[0].task()["label_names"]
         out_channels = int(self.models[0].task()["out_channels"])
@@ -304,7 +305,7 @@ class Predictor:
             self._module = None  # free the previous network first
             self._module = _build(model).to(self.device)
             self._network = model.network
-        else:
+        elif self._loaded is not model:  # one model alone keeps its weights from case to case
             try:
                 self._module.load_state_dict(dict(model.state_dict or {}), strict=True)
             except RuntimeError as exc:
@@ -312,6 +313,7 @@ class Predictor:
                 raise ConfigError(
                     f"ckpt={model.name}: the weights do not fit the saved network config ({first})"
                 ) from None
+        self._loaded = model
         return self._module
 
     @torch.inference_mode()
