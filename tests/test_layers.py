@@ -4,6 +4,7 @@ concern that used to be duplicated lives in one place."""
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import subprocess
 import sys
@@ -122,6 +123,7 @@ def test_every_module_imports_in_dependency_order_in_a_fresh_interpreter() -> No
     assert "seglight.module" in loaded and not loaded & set(PREDICTION_SIDE), sorted(loaded)
 
 
+@functools.cache
 def definitions() -> dict[str, list[str]]:
     """Top-level function, class and constant names -> the modules that define them."""
     found: dict[str, list[str]] = {}
@@ -174,6 +176,7 @@ def test_the_old_duplicates_are_gone() -> None:
     assert not methods & {"binarize", "one_hot", "labels_from_logits", "predict_volume"}
 
 
+@functools.cache
 def calls(name: str) -> set[str]:
     """The functions ``name`` calls, as written (``torch.load``, ``nib.save``...)."""
     tree = ast.parse(SOURCES[name].read_text())
