@@ -106,6 +106,7 @@ ENTRY_POINTS = {  # config name -> the options a user must give
     "predict": ["ckpt=run/checkpoints/last.ckpt", "input=scans"],
     "evaluate": ["pred=masks", "gt=labels"],
     "viz": ["image=scan.nii.gz"],
+    "export": ["ckpt=run/checkpoints/last.ckpt"],
 }
 
 
