@@ -37,6 +37,12 @@ def run(cfg: DictConfig) -> Evaluation:
         labels=labels,
         label_key=cfg.label_key,
         determine_postprocessing=cfg.get("determine_postprocessing", False),
+        # How a datalist or subject folders name their cases, as the data options of the same names in training.
+        **{
+            key: plain(cfg[key])
+            for key in ("image_key", "image_pattern", "label_pattern")
+            if cfg.get(key) is not None
+        },
     )
     print(evaluation.describe(), flush=True)
     print(f"Per-case metrics: {output / 'metrics.csv'}", flush=True)

@@ -25,19 +25,13 @@ import numpy as np
 import torch
 
 from seglight.data import SegDataModule
-from seglight.data.datalists import (
-    IMAGE,
-    LABEL,
-    case_id_of,
-    declared_labels,
-    detect_layout,
-    read_dataset_json,
-    read_msd_datalist,
-    read_nnunet_datalist,
-)
+from seglight.data.datalists import IMAGE, LABEL, case_id_of, declared_labels, read_datalist_file
+from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN, read_folder_cases
+from seglight.data.remote import RemoteCache, is_remote, join_path
+from seglight.data.sources import meta_beside, read_source
 from seglight.errors import DataError
 from seglight.inference import InputCase, Predictor, predict_cases
-from seglight.io import NIFTI_SUFFIXES, atomic_write_text, load_nifti, read_array, spacing_from_affine
+from seglight.io import atomic_write_text, is_nifti, load_nifti, read_array, spacing_from_affine
 from seglight.metrics import hd95_mm
 from seglight.postprocessing import keep_largest_component, write_plan
 
@@ -73,44 +67,77 @@ def label_metrics(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, label: i
 # -- finding the cases ---------------------------------------------------------------------------------------------
 
 
-def masks_in_folder(folder: str | Path, option: str) -> dict[str, str]:
-    """``case -> file`` for the NIfTI masks directly inside ``folder``."""
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        raise DataError(f"{option}={folder}: no such folder")
-    found = {
-        case_id_of(str(p)): str(p)
-        for p in sorted(path.iterdir())
-        if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")  # not a write in progress
-    }
+def masks_in_folder(folder: str | Path, option: str, store: RemoteCache | None = None) -> dict[str, str]:
+    """``case -> file`` for the NIfTI masks directly inside a local folder or ``s3://`` prefix.
+
+    A mask's case is its file name without ``.nii``/``.nii.gz``, as ``seglight.predict`` names its outputs.
+    """
+    store = store or RemoteCache()
+    if is_remote(folder):
+        files = store.list_files(folder)
+    else:
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise DataError(f"{option}={folder}: no such folder")
+        files = [str(p) for p in sorted(path.iterdir()) if p.is_file()]
+    found = {case_id_of(f): f for f in files if is_nifti(f)}  # is_nifti: not a write in progress
     if not found and option == "pred":
         raise DataError(f"pred={folder}: the folder holds no .nii or .nii.gz masks")
     return found
 
 
-def ground_truth(gt: Any, label_key: str = "label") -> tuple[dict[str, str], dict[int, str]]:
-    """``(case -> label file, label value -> name)`` from a folder of labels, a dataset or a list of cases.
+def ground_truth(
+    gt: Any,
+    label_key: str = "label",
+    image_key: str | Sequence[str] = "image",
+    image_pattern: str | Sequence[str] = DEFAULT_IMAGE_PATTERN,
+    label_pattern: str = DEFAULT_LABEL_PATTERN,
+    store: RemoteCache | None = None,
+) -> tuple[dict[str, str], dict[int, str]]:
+    """``(case -> local label file, label value -> name)`` of the ground truth, named as training names cases.
 
-    A dataset (a folder holding ``dataset.json`` in the MSD or nnU-Net layout, or the file itself) is matched
-    by case name, as ``seglight.predict`` names its outputs; its ``labels`` give the names.
+    ``gt`` is a list of cases (``case_id`` and ``label``); a folder of label files (named ``<case>.nii.gz``); a
+    dataset (a folder holding ``dataset.json``, MSD or nnU-Net, or the file itself); a JSON/CSV datalist
+    (``image_key``/``label_key`` entries); or subject folders (``label_pattern``; ``image_pattern`` so that cases
+    are named exactly as in training). Local or ``s3://`` alike; remote labels are fetched into the cache.
     """
     if isinstance(gt, Sequence) and not isinstance(gt, str):  # cases from a data module
         return {str(c["case_id"]): str(c[LABEL]) for c in gt}, {}
-    path = Path(str(gt)).expanduser()
-    if path.is_dir() and not (path / "dataset.json").is_file():
-        return masks_in_folder(path, "gt"), {}
-    if path.name == "dataset.json" and path.is_file():
-        path = path.parent
-    elif not path.is_dir():
-        raise DataError(
-            f"gt={gt}: expected a folder of label files or a dataset (a folder with dataset.json)"
-        )
-    meta = read_dataset_json(path)
-    if detect_layout(meta) == "nnunet":
-        cases = read_nnunet_datalist(path, meta=meta)
+    store = store or RemoteCache()
+    text = str(gt)
+    if not is_remote(text):
+        text = str(Path(text).expanduser().resolve())
+        if not Path(text).exists():
+            raise DataError(f"gt={gt}: no such file or folder")
+    elif not store.exists(text):
+        raise DataError(f"gt={gt}: no such object or prefix")
+    is_index = text.rstrip("/").rsplit("/", 1)[-1] == "dataset.json"
+    if text.lower().endswith((".json", ".csv")) and not is_index:
+        cases, meta = read_datalist_file(text, None, image_key, label_key, store)
+        names = declared_labels(meta)
+    elif is_index or store.exists(join_path(text, "dataset.json")):
+        root = text.rsplit("/", 1)[0] if is_index else text
+        source = read_source(root, layout="auto", image_key=image_key, label_key=label_key, store=store)
+        cases, names = source.cases, declared_labels(source.meta)
+    elif is_remote(text) or Path(text).is_dir():
+        labels = masks_in_folder(text, "gt", store)
+        if labels:
+            return _localized(labels, store), {}
+        found = read_folder_cases(text, image_pattern, label_pattern, store, require_label=False, prefix="")
+        cases, names = found.cases, declared_labels(meta_beside(text, store))
     else:
-        cases = read_msd_datalist(path, IMAGE, label_key, meta=meta)
-    return {str(c["case_id"]): str(c[LABEL]) for c in cases}, declared_labels(meta)
+        raise DataError(
+            f"gt={gt}: expected a folder of label files, subject folders, a dataset (a folder with "
+            "dataset.json) or a .json/.csv datalist"
+        )
+    labels = {str(c["case_id"]): str(c[LABEL]) for c in cases if c.get(LABEL)}
+    return _localized(labels, store), names
+
+
+def _localized(labels: dict[str, str], store: RemoteCache) -> dict[str, str]:
+    """The label files with remote ones fetched (a file that cannot be fetched keeps its URL: scoring names it)."""
+    fetched, _ = store.fetch_all([f for f in labels.values() if is_remote(f)])
+    return {case: str(fetched.get(f, f)) for case, f in labels.items()}
 
 
 # -- the whole evaluation ------------------------------------------------------------------------------------------
@@ -209,18 +236,23 @@ def evaluate(
     label_key: str = "label",
     label_names: Mapping[int, str] | None = None,
     determine_postprocessing: bool = False,
+    image_key: str | Sequence[str] = "image",
+    image_pattern: str | Sequence[str] = DEFAULT_IMAGE_PATTERN,
+    label_pattern: str = DEFAULT_LABEL_PATTERN,
 ) -> Evaluation:
     """Compare every mask in ``pred`` with its ground truth; write ``metrics.csv`` and ``metrics_summary.json``.
 
     Args:
         pred: folder of ``<case>.nii.gz`` masks, or a list of folders (the validation folds of a
             cross-validation, each run's ``test/predictions``).
-        gt: folder of ``<case>.nii.gz`` labels, a dataset (folder with ``dataset.json``, or the file), or a list
-            of cases (``case_id`` and ``label``).
+        gt: folder of ``<case>.nii.gz`` labels, a dataset (folder with ``dataset.json``, or the file), a
+            .json/.csv datalist, subject folders (local or ``s3://``), or a list of cases (``case_id``, ``label``).
         output: folder for the results (default ``pred``, the first one if several).
         labels: label values to score (default: the dataset's labels, else every value present but 0).
-        label_key: the labels' key in a dataset.json's entries.
+        label_key: the labels' key in a dataset.json's or datalist's entries.
         label_names: label value -> name, for the summary (default: the dataset's).
+        image_key, image_pattern, label_pattern: how the ground truth names its cases when it is a datalist or
+            subject folders, as the data options of the same names in training.
         determine_postprocessing: also score each label with only its largest connected component kept, and
             write ``postprocessing.json`` naming the labels where that raises the mean Dice.
     """
@@ -234,7 +266,7 @@ def evaluate(
                 raise DataError(f"pred: the case {case} is in two folders: {predictions[case]} and {file}")
             predictions[case] = file
     pred_text = str(folders[0]) if len(folders) == 1 else "[" + ",".join(map(str, folders)) + "]"
-    truths, names = ground_truth(gt, label_key)
+    truths, names = ground_truth(gt, label_key, image_key, image_pattern, label_pattern)
     if not isinstance(gt, str | Path):
         gt = "<the given cases>"
     names = {**names, **{int(k): str(v) for k, v in (label_names or {}).items()}}

@@ -9,9 +9,7 @@ and NIfTI writing that keeps the input's shape and affine.
 
 from __future__ import annotations
 
-import csv
 import inspect
-import io
 import itertools
 import json
 import logging
@@ -28,12 +26,13 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from seglight.checkpointing import model_checkpoints, safe_load
-from seglight.data.datalists import IMAGE, case_id_of, detect_layout, read_nnunet_datalist
-from seglight.data.datamodule import prediction_settings
-from seglight.data.remote import RemoteCache, default_cache_dir, is_remote, join_path
+from seglight.data.datalists import IMAGE
+from seglight.data.datamodule import PREPROCESSING_KEYS, prediction_settings
+from seglight.data.inputs import InputCase, list_inputs
+from seglight.data.remote import RemoteCache, default_cache_dir, is_remote
 from seglight.data.transforms import deterministic_transforms
 from seglight.errors import ConfigError, DataError, find_user_error
-from seglight.io import NIFTI_SUFFIXES, atomic_path, load_nifti
+from seglight.io import atomic_path, load_nifti
 from seglight.module import DEFAULT_INFERENCE, SegModule
 from seglight.postprocessing import keep_largest_component, largest_component_labels
 from seglight.utils import plain
@@ -267,7 +266,7 @@ class Predictor:
         self.largest_component = largest_component_labels(largest_component, foreground)
         groups: dict[str, _Pipeline] = {}
         for model in self.models:
-            key = json.dumps(model.data, sort_keys=True, default=str)
+            key = json.dumps({k: model.data.get(k) for k in PREPROCESSING_KEYS}, sort_keys=True, default=str)
             if key not in groups:
                 groups[key] = _Pipeline(model.data, [])
             groups[key].models.append(model)
@@ -423,112 +422,11 @@ def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
 # -- inputs and outputs ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class InputCase:
-    """One image to segment: its name (the output file's stem) and its file(s)."""
-
-    case_id: str
-    image: str | list[str]
-
-    @property
-    def first_file(self) -> str:
-        return self.image if isinstance(self.image, str) else self.image[0]
-
-
-def list_inputs(
-    source: str | Path,
-    image_key: str = "image",
-    datalist_key: str | None = None,
-    store: RemoteCache | None = None,
-) -> list[InputCase]:
-    """The images named by ``source``, local or ``s3://``: a NIfTI file, a folder (prefix) of them, or a datalist.
-
-    A datalist is a dataset (a folder holding ``dataset.json``, MSD or nnU-Net layout), a ``dataset.json`` (its
-    ``test`` list when it has one, else ``training``; or ``datalist_key``), a JSON list of paths or entries,
-    or a CSV file with an ``image_key`` column. Remote files are fetched later, one case at a time.
-    """
-    store = store or RemoteCache()
-    text = str(source)
-    if not is_remote(text):
-        path = Path(text).expanduser()
-        if not path.exists():
-            raise DataError(f"input={source}: no such file or folder")
-        text = str(path.resolve())
-    elif not store.exists(text):
-        raise DataError(f"input={source}: no such object or prefix")
-    if text.endswith(NIFTI_SUFFIXES):
-        return [InputCase(case_id_of(text), text)]
-    if text.endswith((".json", ".csv")):
-        return _datalist_inputs(text, image_key, datalist_key, store)
-    if not is_remote(text) and not Path(text).is_dir():
-        return [InputCase(case_id_of(text), text)]  # not named like NIfTI: the reader says what it is
-    if store.exists(join_path(text, "dataset.json")):
-        return _datalist_inputs(join_path(text, "dataset.json"), image_key, datalist_key, store)
-    files = [f for f in store.list_files(text) if f.endswith(NIFTI_SUFFIXES) and not _name(f).startswith(".")]
-    if not files:
-        raise DataError(f"input={source}: holds no .nii or .nii.gz files")
-    return _unique([InputCase(case_id_of(f), f) for f in files], source)
-
-
-def _datalist_inputs(
-    index: str, image_key: str, datalist_key: str | None, store: RemoteCache
-) -> list[InputCase]:
-    base = index.rsplit("/", 1)[0]
-    if index.endswith(".csv"):
-        rows = list(csv.DictReader(io.StringIO(store.read_text(index))))
-        entries: Any = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in rows]
-        key = "rows"
-    else:
-        try:
-            meta = json.loads(store.read_text(index))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{index}: not valid JSON ({exc})") from None
-        if isinstance(meta, Mapping) and datalist_key is None and detect_layout(meta) == "nnunet":
-            cases = read_nnunet_datalist(base, store, meta)
-            return _unique([InputCase(c["case_id"], c[IMAGE]) for c in cases], index)
-        if isinstance(meta, Mapping):
-            key = datalist_key or ("test" if meta.get("test") else "training")
-            entries = meta.get(key)
-        else:
-            entries, key = meta, "list"
-    if not isinstance(entries, list) or not entries:
-        raise DataError(f'{index}: has no "{key}" list of images to predict (set datalist_key=...)')
-    cases = []
-    for number, entry in enumerate(entries):
-        value = entry.get(image_key, entry.get(IMAGE)) if isinstance(entry, Mapping) else entry
-        if value in (None, ""):
-            raise DataError(f"{index}: {key} entry {number} has no {image_key!r} image")
-        image = (
-            [join_path(base, str(v)) for v in value]
-            if isinstance(value, list)
-            else join_path(base, str(value))
-        )
-        name = entry.get("case_id") if isinstance(entry, Mapping) else None
-        cases.append(InputCase(str(name or case_id_of(image)), image))
-    return _unique(cases, index)
-
-
-def _name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
-
-
 def _localize(image: str | list[str], store: RemoteCache) -> str | list[str]:
     """The case's files, with remote ones fetched into the cache."""
     if isinstance(image, list):
         return [str(_localize(p, store)) for p in image]
     return str(store.fetch(image)) if is_remote(image) else image
-
-
-def _unique(cases: list[InputCase], source: Any) -> list[InputCase]:
-    seen: dict[str, str] = {}
-    for case in cases:
-        if case.case_id in seen:
-            raise DataError(
-                f"input={source}: two images would be written as {case.case_id}.nii.gz: "
-                f"{seen[case.case_id]} and {case.first_file}"
-            )
-        seen[case.case_id] = case.first_file
-    return cases
 
 
 def _like(reference: Any, array: np.ndarray) -> nib.Nifti1Image:
@@ -631,6 +529,7 @@ def predict(
     datalist_key: str | None = None,
     cache_dir: str | Path | None = None,
     endpoint_url: str | None = None,
+    image_pattern: str | Sequence[str] | None = None,
 ) -> PredictionReport:
     """Segment every image of ``input`` with the model(s) of ``ckpt`` into ``output`` (see ``seglight.predict``).
 
@@ -649,11 +548,19 @@ def predict(
         cache_dir=Path(cache_dir).expanduser() / "remote" if cache_dir else default_cache_dir() / "remote",
         endpoint_url=endpoint_url,
     )
-    image_key = predictor.models[0].data.get("image_key") or "image"
-    cases = list_inputs(input, image_key if isinstance(image_key, str) else IMAGE, datalist_key, store)
+    settings = dict(predictor.models[0].data)
+    if image_pattern is not None:  # subject folders laid out otherwise than the training data
+        settings.update(layout="folder", image_pattern=image_pattern)
+    listed = list_inputs(input, settings, datalist_key, store, channels=predictor.in_channels)
+    cases = [case for case in listed if case.problem is None]
     _check_no_overwrite(cases, Path(output))
     log.info("Predicting %d image(s) with %s", len(cases), predictor.describe())
-    return predict_cases(predictor, cases, output, save_probabilities, store)
+    report = predict_cases(predictor, cases, output, save_probabilities, store)
+    for case in listed:
+        if case.problem is not None:  # a subject folder without a channel, say: named, the others written
+            log.error("%s: FAILED: %s", case.case_id, case.problem)
+            report.failed[case.case_id] = case.problem
+    return report
 
 
 def _check_no_overwrite(cases: Sequence[InputCase], output: Path) -> None:

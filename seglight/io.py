@@ -25,8 +25,13 @@ PARTIAL_MARKER = ".partial"
 
 
 def is_nifti(path: str | Path) -> bool:
-    """Whether ``path`` is named like a NIfTI file (``.nii`` or ``.nii.gz``)."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
+    """Whether ``path`` is named like a NIfTI file (``.nii`` or ``.nii.gz``) and is not hidden.
+
+    Hidden names are left out of every folder listing: they are writes in progress (see ``atomic_path``) or
+    files of the operating system (``._scan.nii.gz`` from macOS).
+    """
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    return name.lower().endswith(NIFTI_SUFFIXES) and not name.startswith(".")
 
 
 def nifti_stem(path: str | Path) -> str:

@@ -44,6 +44,7 @@ def run(cfg: DictConfig) -> PredictionReport:
         datalist_key=cfg.get("datalist_key"),
         cache_dir=cfg.paths.cache_dir,
         endpoint_url=cfg.get("endpoint_url"),
+        image_pattern=plain(cfg.get("image_pattern")),
     )
     print(f"Wrote {len(report.written)} mask(s) to {report.output}", flush=True)
     report.raise_for_failures()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -153,3 +156,92 @@ def run_script(
     return subprocess.run(
         [str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# --- S3 through a real S3 API server (moto's standalone server on loopback), reached over HTTP ---
+SECRET = "seglight-test-secret-do-not-log-8f3a"  # must never reach a config, log or checkpoint
+AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+AWS_ENV += ("AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3:
+    """The running S3 server: its endpoint and a boto3 client for it."""
+
+    endpoint: str
+    client: object
+
+    def upload(self, folder: Path, bucket: str, prefix: str) -> str:
+        """Put every file under ``folder`` into ``bucket/prefix``; returns the ``s3://`` URL of the prefix."""
+        self.client.create_bucket(Bucket=bucket)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+            self.client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        return f"s3://{bucket}/{prefix}"
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3]:
+    """A moto S3 server on a free loopback port, with the AWS environment pointing at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in AWS_ENV}
+    for key in AWS_ENV:
+        os.environ.pop(key, None)
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="seglight-test-key",
+        AWS_SECRET_ACCESS_KEY=SECRET,
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    try:
+        yield S3(endpoint, boto3.client("s3", endpoint_url=endpoint))
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def make_subject_folders(
+    root: Path,
+    subjects: list[str] | None = None,
+    files: dict[str, str] | None = None,
+) -> Path:
+    """Subject folders as the reference lab keeps them: ``root/<subject>/img.nii.gz`` and ``label.nii.gz``.
+
+    Every subject's files have the same names; ``files`` maps a role (``label``, else an image channel) to the
+    file name. Each image is a bright cube (labelled 1) on a dark background; subjects differ in size along x
+    (20, 22, 24 voxels), so a mask shows which subject it was predicted from.
+    """
+    subjects = subjects or [f"subj_{i:03d}" for i in range(4)]
+    files = files or {"image": "img.nii.gz", "label": "label.nii.gz"}
+    rng = np.random.default_rng(1)
+    for number, subject in enumerate(subjects):
+        shape = (20 + 2 * (number % 3), 20, 12)
+        label = np.zeros(shape, dtype=np.uint8)
+        label[4:12, 5:13, 3:9] = 1
+        for role, name in files.items():
+            if role == "label":
+                write_nifti(root / subject / name, label)
+            else:
+                image = rng.normal(0, 50, size=shape).astype(np.float32) - 200
+                write_nifti(root / subject / name, image + 400.0 * label)
+    return root

@@ -109,13 +109,6 @@ def all_background(root: Path) -> Path:
     return write_nifti(root / "labelsTr" / "case_1.nii.gz", np.zeros((20, 20, 12), np.uint8))
 
 
-def duplicate_ids(root: Path) -> Path:
-    meta = json.loads((root / "dataset.json").read_text())
-    meta["training"][2]["case_id"] = "case_0"
-    (root / "dataset.json").write_text(json.dumps(meta))
-    return root / "imagesTr" / "case_2.nii.gz"
-
-
 def odd_orientation(root: Path) -> Path:
     path = root / "imagesTr" / "case_2.nii.gz"
     for folder in ("imagesTr", "labelsTr"):
@@ -139,7 +132,6 @@ FAULTS: list[tuple[Callable[[Path], Path], tuple[str, ...], str, bool]] = [
     (undeclared_label, ("label values 3 are not among the declared labels",), "error", True),
     (fractional_label, ("non-integer label values",), "error", True),
     (all_background, ("all background",), "warning", True),
-    (duplicate_ids, ("case id 'case_0' is also used by",), "error", False),
     (odd_orientation, ("orientation LAS differs from most cases (RAS",), "warning", False),
 ]
 

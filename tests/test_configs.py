@@ -33,7 +33,7 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_config_option_composes(group: str, option: str, tmp_path: Path) -> None:
     overrides = [f"{group}={option}"]
-    if group == "data" and option in ("msd", "nnunet"):
+    if group == "data" and option in ("msd", "nnunet", "folder"):
         overrides.append(f"data.root={tmp_path}")
     if group == "data" and option == "datalist":
         overrides.append(f"data.datalist={tmp_path / 'train.csv'}")
@@ -209,7 +209,7 @@ def test_every_target_config_instantiates_as_hydra_users_would(
     if group != "data" or option == "demo":
         overrides += ["data.demo.num_cases=3", "data.demo.shape=[16,16,8]"]
     overrides += SMALL_MODELS.get(option, []) if group == "model" else []
-    if group == "data" and option in ("msd", "nnunet"):
+    if group == "data" and option in ("msd", "nnunet", "folder"):
         overrides += [f"data.root={tmp_path}"]
     if group == "data" and option == "datalist":
         overrides += [f"data.datalist={tmp_path / 'train.csv'}"]

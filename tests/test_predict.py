@@ -21,10 +21,10 @@ from omegaconf import OmegaConf
 
 from seglight import SegDataModule, SegModule, compose, predict_volume
 from seglight.checkpointing import safe_load
+from seglight.data.inputs import list_inputs
 from seglight.errors import ConfigError, DataError
-from seglight.inference import Predictor, list_inputs, load_module, predict
-from tests.conftest import run_script
-from tests.test_s3 import S3, s3  # noqa: F401 - the moto S3 server fixture
+from seglight.inference import Predictor, load_module, predict
+from tests.conftest import S3, run_script
 
 SIZE = [16, 16, 16]
 # Label value -> intensity (the window is -1000..1000, so 0, 0.5 and 1 after windowing).
@@ -233,7 +233,7 @@ def test_inputs_from_files_folders_and_datalists(scans, tmp_path: Path) -> None:
     assert [c.case_id for c in list_inputs(tmp_path)] == ["lps"]  # a dataset folder: its test list
     assert [c.case_id for c in list_inputs(tmp_path / "dataset.json", datalist_key="training")] == ["ras"]
     (tmp_path / "list.csv").write_text(f"img,other\n{scans['oblique'][0]},1\n")
-    assert [c.image for c in list_inputs(tmp_path / "list.csv", image_key="img")] == [
+    assert [c.image for c in list_inputs(tmp_path / "list.csv", {"image_key": "img"})] == [
         str(scans["oblique"][0])
     ]
     with pytest.raises(DataError, match="no such file or folder"):
@@ -242,7 +242,7 @@ def test_inputs_from_files_folders_and_datalists(scans, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="holds no .nii"):
         list_inputs(tmp_path / "empty")
     (tmp_path / "dupes.json").write_text(json.dumps([str(scans["ras"][0]), str(scans["ras"][0])]))
-    with pytest.raises(DataError, match="two images would be written as ras.nii.gz"):
+    with pytest.raises(DataError, match="entries 0 and 1 both have the image .*ras.nii.gz"):
         list_inputs(tmp_path / "dupes.json")
 
 
@@ -294,7 +294,7 @@ def test_cli_writes_the_good_inputs_and_names_the_bad_one(
     assert (out / ".hydra" / "config.yaml").is_file()  # the options that made these masks
 
 
-def test_inputs_under_an_s3_prefix(s3: S3, scans, binary_ckpt: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_inputs_under_an_s3_prefix(s3: S3, scans, binary_ckpt: Path, tmp_path: Path) -> None:
     folder = tmp_path / "upload"
     folder.mkdir()
     for name in ("lps", "oblique"):

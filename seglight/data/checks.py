@@ -1,7 +1,7 @@
 """Dataset integrity checks, shared by ``python -m seglight.check`` (full) and training start-up (fast).
 
 The fast check reads headers only: files exist and open as NIfTI, image and label agree in shape and affine,
-the image has the declared channels, case ids are unique, orientations agree. The full check also reads every
+the image has the declared channels, orientations agree. The full check also reads every
 voxel: a corrupt or truncated gzip, NaN/Inf values, label values outside the declared labels and all-background
 labels are found there, before a DataLoader worker finds them hours into a run.
 """
@@ -176,7 +176,6 @@ def inspect_cases(
         report.findings.extend(findings)
         if info is not None:
             report.infos.append(info)
-    report.findings.extend(_duplicate_ids(cases, names))
     report.findings.extend(_orientation_outliers(cases, report.infos, names))
     if channels is None:
         report.findings.extend(_channel_outliers(cases, report.infos, names))
@@ -354,27 +353,6 @@ def _percentiles(volume: np.ndarray) -> list[float]:
 
 
 # -- across cases -------------------------------------------------------------------------------------------
-
-
-def _duplicate_ids(cases: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> list[Finding]:
-    first_seen: dict[str, int] = {}
-    findings = []
-    for index, case in enumerate(cases):
-        case_id = str(case.get("case_id", ""))
-        if case_id in first_seen:
-            path = _as_list(case["image"])[0]
-            other = _as_list(cases[first_seen[case_id]]["image"])[0]
-            findings.append(
-                Finding(
-                    "error",
-                    names.get(path, path),
-                    f"case id '{case_id}' is also used by {names.get(other, other)}; case ids must be unique",
-                    index,
-                )
-            )
-        else:
-            first_seen[case_id] = index
-    return findings
 
 
 def _channel_outliers(

@@ -24,15 +24,12 @@ from seglight.data.datalists import (
     declared_channels,
     declared_label_values,
     declared_labels,
-    detect_layout,
-    read_datalist_file,
     read_dataset_json,
-    read_msd_datalist,
-    read_nnunet_datalist,
-    resolve_datalist,
 )
 from seglight.data.demo import demo_root, ensure_demo_dataset
+from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN, IncompleteCase
 from seglight.data.remote import RemoteCache, default_cache_dir, is_remote, localize_paths
+from seglight.data.sources import SourceCases, read_source
 from seglight.data.splits import holdout_split, load_or_create_folds
 from seglight.data.transforms import (
     DEFAULT_SPATIAL_SIZE,
@@ -57,6 +54,8 @@ DEFAULT_PATCH: dict[str, Any] = {
     "pos_neg_ratio": [1.0, 1.0],
     "class_ratios": None,
 }
+# How the training data was laid out: prediction reads new scans laid out alike the same way.
+INPUT_KEYS = ("label_key", "layout", "image_pattern", "label_pattern")
 # The settings of the deterministic transforms (seglight.data.transforms), which prediction replays.
 PREPROCESSING_KEYS = ("spatial_size", "a_min", "a_max", "orientation", "mode", "target_spacing")
 
@@ -74,13 +73,20 @@ def patch_settings(patch: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def prediction_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
     """What prediction needs from a data module's settings (its hyperparameters) to read new scans and preprocess
-    them as training did: the image key(s) and the deterministic transforms' settings.
+    them as training did: the image key(s), the layout (subject-folder patterns, the datalist trained on and its
+    root) and the deterministic transforms' settings.
 
     Reads the settings of older checkpoints too, which kept the patch options at the top level.
     """
     settings = plain(dict(hparams))
     patch = settings.get("patch") or {}
     result = {"image_key": settings.get("image_key", "image")}
+    # How the training data was laid out, so new scans laid out alike are read alike (seglight.data.inputs).
+    for key in INPUT_KEYS:
+        if settings.get(key) is not None:
+            result[key] = settings[key]
+    if isinstance(settings.get("datalist"), str) and settings.get("root"):
+        result["datalist"], result["root"] = settings["datalist"], settings["root"]
     for key in PREPROCESSING_KEYS:
         if key == "target_spacing" and "patch" in settings:
             result[key] = patch.get("target_spacing", DEFAULT_PATCH["target_spacing"])
@@ -119,7 +125,14 @@ class SegDataModule(L.LightningDataModule):
         datalist: inline list of ``{image_key: path, label_key: path}`` entries, or the path of a ``.csv`` or
             ``.json`` datalist file; paths relative to ``root`` (default: the datalist file's folder) or absolute.
         image_key: datalist key of the image; a list of keys stacks their files as channels.
-        layout: ``auto`` (from dataset.json's keys), ``msd`` or ``nnunet``.
+        layout: ``auto`` (from dataset.json's keys), ``msd``, ``nnunet``, or ``folder`` (subject folders under
+            ``root``, found by ``image_pattern`` and ``label_pattern``; each case is named after its folder).
+        image_pattern: folder layout: glob of a case's image relative to ``root`` (``*/img.nii.gz``; deeper
+            trees ``*/*/img.nii.gz`` or ``**/img.nii.gz``); a list gives one pattern per channel, stacked.
+        label_pattern: folder layout: glob of a case's label (``*/label.nii.gz``).
+        val_root, val_datalist: a validation source, read with the same layout options as the training source
+            (``val_datalist``'s relative paths are taken from ``val_root``, else from its own folder): every case
+            of the training source trains and these validate; no split is drawn.
         labels: declared label values and names (``{0: background, 1: organ}``), for datalists without a
             dataset.json; the check flags label values outside them.
         demo: settings of the synthetic demo dataset (see ``seglight.data.demo``); when given, it is generated
@@ -178,6 +191,10 @@ class SegDataModule(L.LightningDataModule):
         remote: Mapping[str, Any] | None = None,
         mode: str = "resize",
         patch: Mapping[str, Any] | None = None,
+        image_pattern: str | Sequence[str] = DEFAULT_IMAGE_PATTERN,
+        label_pattern: str = DEFAULT_LABEL_PATTERN,
+        val_root: str | None = None,
+        val_datalist: Sequence[Mapping[str, Any]] | str | None = None,
     ) -> None:
         super().__init__()
         # Saved into checkpoints (as datamodule_hyper_parameters) so prediction can rebuild the same preprocessing.
@@ -203,6 +220,10 @@ class SegDataModule(L.LightningDataModule):
         self.num_folds = int(num_folds)
         self.splits_path = splits_path
         self.layout = layout
+        self.image_pattern = plain(image_pattern)
+        self.label_pattern = label_pattern
+        self.val_root = val_root
+        self.val_datalist = plain(val_datalist)
         self.labels = plain(labels)
         remote = plain(remote) or {}
         self.remote_cache = RemoteCache(
@@ -211,6 +232,8 @@ class SegDataModule(L.LightningDataModule):
             options=remote.get("options") or {},
         )
         self._cases: list[Case] | None = None
+        self._incomplete: list[IncompleteCase] = []
+        self._val_ids: set[str] | None = None  # the validation source's case ids, when there is one
         self._meta: dict[str, Any] | None = None
         self._localized: tuple[list[Case], dict[str, str], list[Finding]] | None = None
         self._failed: dict[str, str] = {}
@@ -251,6 +274,11 @@ class SegDataModule(L.LightningDataModule):
             raise ConfigError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.num_folds < 2:
             raise ConfigError(f"data.num_folds must be at least 2, got {self.num_folds}")
+        if self.fold is not None and self.has_val_source:
+            raise ConfigError(
+                "data.fold and a validation source (data.val_root / data.val_datalist) exclude each other: "
+                "the validation source replaces the split"
+            )
         if self.fold is not None and not 0 <= self.fold < self.num_folds:
             raise ConfigError(
                 f"data.fold must be between 0 and data.num_folds-1 ({self.num_folds - 1}), got {self.fold}"
@@ -305,37 +333,49 @@ class SegDataModule(L.LightningDataModule):
             ensure_demo_dataset(**self.demo)
         self.localized_cases()
 
+    @property
+    def has_val_source(self) -> bool:
+        """Whether validation cases come from a source of their own (``val_root`` / ``val_datalist``)."""
+        return self.val_root is not None or self.val_datalist is not None
+
     def read_cases(self) -> list[Case]:
-        """All cases of the dataset, with absolute paths or URLs (read once, then remembered)."""
+        """All cases (training source, then validation source), with absolute paths or URLs; read once.
+
+        Case folders with a missing or extra file are not among them: ``inspect`` reports them.
+        """
         if self._cases is None:
-            self._cases, self._meta = self._read_layout()
+            train = self._read_source(self.data_root, self.datalist)
+            cases, incomplete = list(train.cases), list(train.incomplete)
+            if self.has_val_source:
+                val_root = self.val_root
+                if val_root is not None and not is_remote(val_root):
+                    val_root = str(Path(val_root).expanduser())
+                val = self._read_source(val_root, self.val_datalist, others=train.cases)
+                _refuse_shared_ids(train, val, str(self.val_datalist or self.val_root))
+                self._val_ids = {c["case_id"] for c in val.cases} | {c.case_id for c in val.incomplete}
+                cases += val.cases
+                incomplete += val.incomplete
+            self._cases, self._incomplete, self._meta = cases, incomplete, train.meta
         return [dict(case) for case in self._cases]
 
-    def _read_layout(self) -> tuple[list[Case], dict[str, Any]]:
-        root, store = self.data_root, self.remote_cache
-        if isinstance(self.datalist, str):
-            return read_datalist_file(self.datalist, root, self.image_key, self.label_key, store)
-        if self.datalist is not None:
-            return resolve_datalist(self.datalist, root, self.image_key, self.label_key), self._root_meta()
-        meta = read_dataset_json(root, store)
-        layout = detect_layout(meta) if self.layout == "auto" else self.layout
-        if layout == "nnunet":
-            return read_nnunet_datalist(root, store, meta), meta
-        return read_msd_datalist(root, self.image_key, self.label_key, store, meta), meta
-
-    def _root_meta(self) -> dict[str, Any]:
-        """dataset.json beside an inline datalist, if ``root`` has one."""
-        root = self.data_root
-        try:
-            return read_dataset_json(root, self.remote_cache) if root is not None else {}
-        except DataError:
-            return {}
+    def _read_source(self, root: Any, datalist: Any, others: Sequence[Case] = ()) -> SourceCases:
+        return read_source(
+            root,
+            datalist,
+            layout=self.layout,
+            image_key=self.image_key,
+            label_key=self.label_key,
+            image_pattern=self.image_pattern,
+            label_pattern=self.label_pattern,
+            store=self.remote_cache,
+            others=others,
+        )
 
     def dataset_meta(self) -> dict[str, Any]:
         """dataset.json (or a JSON datalist's keys besides ``training``); empty when there is none yet."""
         if self._meta is None:
             try:
-                if isinstance(self.datalist, str):
+                if isinstance(self.datalist, str) or self.layout == "folder":
                     self.read_cases()
                 else:
                     self._meta = (
@@ -442,8 +482,8 @@ class SegDataModule(L.LightningDataModule):
     def inspect(self, full: bool = False, workers: int | None = None) -> tuple[list[Case], DatasetReport]:
         """Read every case, fetch remote files, and check them: headers only, or every voxel with ``full``.
 
-        Returns the cases (local paths) and the report; this is what ``python -m seglight.check`` runs, and its
-        fast part runs before training.
+        Returns the cases (local paths; a case folder with a missing or extra file only as its ``case_id``) and
+        the report; this is what ``python -m seglight.check`` runs, and its fast part runs before training.
         """
         cases, names, fetch_findings = self.localized_cases()
         unfetched = {f.case_index for f in fetch_findings if f.case_index is not None}
@@ -460,7 +500,12 @@ class SegDataModule(L.LightningDataModule):
             exclude=unfetched,
         )
         report.findings[:0] = fetch_findings
-        return cases, report
+        # Case folders with a missing or extra file count as bad cases, numbered after the readable ones; their
+        # ids stay in the returned cases, so the split covers them and skipping one never reshuffles it.
+        for number, incomplete in enumerate(self._incomplete, start=len(cases)):
+            report.findings += [Finding("error", incomplete.where, p, number) for p in incomplete.problems]
+        report.num_cases += len(self._incomplete)
+        return cases + [{"case_id": i.case_id} for i in self._incomplete], report
 
     # -- split and datasets --------------------------------------------------------------------------------
 
@@ -524,16 +569,21 @@ class SegDataModule(L.LightningDataModule):
         """Seeded train/validation split, saved to ``split_path``; a saved split of the same cases is reused.
 
         With ``fold`` set, the split is that fold of the k-fold partition in ``splits_path`` (made once, then
-        reused, so every fold of a study shares it); otherwise ``val_fraction`` of the cases are held out.
+        reused, so every fold of a study shares it); with a validation source, its cases validate and all others
+        train; otherwise ``val_fraction`` of the cases are held out.
         """
-        by_id: dict[str, Case] = {}
-        for case in cases:
-            by_id.setdefault(case["case_id"], case)  # the first of duplicated ids (the check flags the rest)
+        by_id = {case["case_id"]: case for case in cases}  # unique: the readers see to it
+        if self._val_ids is not None:
+            # A validation source of its own: every other case trains, and no split is drawn.
+            train_ids = sorted(i for i in by_id if i not in self._val_ids)
+            val_ids = sorted(i for i in by_id if i in self._val_ids)
+            record: dict[str, Any] = {"val_source": str(self.val_datalist or self.val_root)}
+            return self._save_split(record, train_ids, val_ids, by_id)
         if len(by_id) < 2:
             raise ConfigError(
                 f"the dataset has {len(by_id)} case(s); training needs at least 2 (train + validation)"
             )
-        record: dict[str, Any] = {"seed": self.split_seed}
+        record = {"seed": self.split_seed}
         if self.fold is not None:
             folds = load_or_create_folds(self.splits_path, set(by_id), self.num_folds, self.split_seed)
             train_ids, val_ids = folds[self.fold]["train"], folds[self.fold]["val"]
@@ -544,6 +594,11 @@ class SegDataModule(L.LightningDataModule):
                 saved if saved is not None else holdout_split(by_id, self.val_fraction, self.split_seed)
             )
             record.update(val_fraction=self.val_fraction)
+        return self._save_split(record, train_ids, val_ids, by_id)
+
+    def _save_split(
+        self, record: dict[str, Any], train_ids: list[str], val_ids: list[str], by_id: dict[str, Case]
+    ) -> tuple[list[Case], list[Case]]:
         if self.split_path:
             record.update(train=list(train_ids), val=list(val_ids))
             atomic_write_text(Path(self.split_path), json.dumps(record, indent=2))
@@ -679,6 +734,23 @@ class SegDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=False,
         )
+
+
+def _refuse_shared_ids(train: SourceCases, val: SourceCases, source: str) -> None:
+    """A DataError when a validation case has the id of a training case (outputs keyed by case would clash)."""
+    train_ids = {c["case_id"]: c for c in train.cases} | {c.case_id: {} for c in train.incomplete}
+    for case in [*val.cases, *({"case_id": c.case_id} for c in val.incomplete)]:
+        other = train_ids.get(case["case_id"])
+        if other is not None:
+            files = " and ".join(str(_first(c.get(IMAGE))) for c in (other, case) if c.get(IMAGE))
+            raise DataError(
+                f"{source}: the validation case {case['case_id']!r} has the id of a training case"
+                f"{f' ({files})' if files else ''}; the two sources must not share cases or case ids"
+            )
+
+
+def _first(image: Any) -> Any:
+    return image[0] if isinstance(image, list) else image
 
 
 def _paths_of(case: Case) -> list[str]:
