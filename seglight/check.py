@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from seglight.errors import DataError, reported_errors
-from seglight.utils import atomic_write_text
+from seglight.io import atomic_write_text
 
 log = logging.getLogger("seglight")
 

@@ -17,8 +17,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
+from seglight.checkpointing import safe_load
+from seglight.errors import SeglightError
+from seglight.io import atomic_write_text
 from seglight.module import SegModule
-from seglight.utils import atomic_write_text
 
 log = logging.getLogger("seglight")
 
@@ -77,8 +79,8 @@ def checkpoint_epoch(path: str | Path | None) -> int | None:
     if not path or not Path(path).is_file():
         return None
     try:
-        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["epoch"])
-    except Exception:
+        return int(safe_load(path, mmap=True)["epoch"])
+    except (SeglightError, KeyError, TypeError, ValueError):
         return None
 
 

@@ -36,7 +36,7 @@ from hydra.types import HydraContext, RunMode, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from seglight.errors import find_user_error
-from seglight.utils import atomic_write_text
+from seglight.io import atomic_write_text
 
 log = logging.getLogger("seglight")
 

@@ -15,7 +15,7 @@ from seglight.builder import build
 from seglight.callbacks import signal_handlers_kept
 from seglight.checkpointing import checkpoint_dir, resolve_checkpoint
 from seglight.errors import reported_errors
-from seglight.evaluate import evaluate_after_training
+from seglight.evaluation import evaluate_after_training
 from seglight.report import describe_model, write_run_info, write_summary
 from seglight.sweep import run_job
 

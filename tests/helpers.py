@@ -159,3 +159,51 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_script(
+    name: str, *args: str, cache: Path | None = None, cwd: Path = REPO, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run an installed console script (``seglight-predict args``) as a user would, with the session's test
+    cache (or ``cache``)."""
+    script = Path(sys.executable).parent / name
+    assert script.is_file(), f"{script} is not installed: run pip install -e . to install the console scripts"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    if cache is not None:
+        env["SEGLIGHT_CACHE_DIR"] = str(cache)
+    return subprocess.run(
+        [str(script), *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,  # as in CI or a background job: nothing may wait for a terminal
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def make_subject_folders(
+    root: Path,
+    subjects: list[str] | None = None,
+    files: dict[str, str] | None = None,
+) -> Path:
+    """Subject folders as the reference lab keeps them: ``root/<subject>/img.nii.gz`` and ``label.nii.gz``.
+
+    Every subject's files have the same names; ``files`` maps a role (``label``, else an image channel) to the
+    file name. Each image is a bright cube (labelled 1) on a dark background; subjects differ in size along x
+    (20, 22, 24 voxels), so a mask shows which subject it was predicted from.
+    """
+    subjects = subjects or [f"subj_{i:03d}" for i in range(4)]
+    files = files or {"image": "img.nii.gz", "label": "label.nii.gz"}
+    rng = np.random.default_rng(1)
+    for number, subject in enumerate(subjects):
+        shape = (20 + 2 * (number % 3), 20, 12)
+        label = np.zeros(shape, dtype=np.uint8)
+        label[4:12, 5:13, 3:9] = 1
+        for role, name in files.items():
+            if role == "label":
+                write_nifti(root / subject / name, label)
+            else:
+                image = rng.normal(0, 50, size=shape).astype(np.float32) - 200
+                write_nifti(root / subject / name, image + 400.0 * label)
+    return root

@@ -133,5 +133,5 @@ def test_multiclass_demo_run_logs_dice_per_label(tmp_path: Path, cache_dir: Path
     assert model.softmax and model.num_classes == 3 and model.class_names == ["organ", "cyst"]
     assert model.hparams.loss["_target_"] == "monai.losses.DiceCELoss" and model.hparams.loss["to_onehot_y"]
     with torch.no_grad():
-        labels = model.eval().labels_from_logits(model(torch.rand(1, 1, 24, 24, 16)))
+        labels = model.eval().labels(model.probabilities(model(torch.rand(1, 1, 24, 24, 16))))
     assert labels.shape == (1, 1, 24, 24, 16) and int(labels.max()) <= 2

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from monai.utils import convert_to_tensor
 from seglight.data.cache_files import record_use
 from seglight.data.remote import cache_usage
 from seglight.errors import ConfigError, DataError, find_user_error
+from seglight.io import atomic_path
 
 log = logging.getLogger("seglight")
 
@@ -130,14 +130,12 @@ class DiskCacheDataset(PersistentDataset):
     def _compute_and_store(self, item: Any) -> Any:
         hashfile = self._cache_file(item)
         result = self._pre_transform(deepcopy(item))
-        tmp = hashfile.with_name(f".{hashfile.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            torch.save(convert_to_tensor(result, convert_numeric=False, track_meta=self.track_meta), tmp)
-            os.replace(tmp, hashfile)
+            # Not durable: a lost entry is recomputed, and syncing every entry would slow filling the cache.
+            with atomic_path(hashfile, durable=False) as tmp:
+                torch.save(convert_to_tensor(result, convert_numeric=False, track_meta=self.track_meta), tmp)
         except OSError as exc:  # a full or read-only disk costs speed, not the run
             log.warning("Cannot write the preprocessed cache entry %s (%s)", hashfile, exc)
-        finally:
-            tmp.unlink(missing_ok=True)
         return result
 
 

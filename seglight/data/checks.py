@@ -1,7 +1,7 @@
 """Dataset integrity checks, shared by ``python -m seglight.check`` (full) and training start-up (fast).
 
 The fast check reads headers only: files exist and open as NIfTI, image and label agree in shape and affine,
-the image has the declared channels, case ids are unique, orientations agree. The full check also reads every
+the image has the declared channels, orientations agree. The full check also reads every
 voxel: a corrupt or truncated gzip, NaN/Inf values, label values outside the declared labels and all-background
 labels are found there. Training runs the fast check at start and the voxel part (``check_case_data``) on each
 case when it first reads it, so a bad scan stops a run (or is skipped) with the line the check prints.
@@ -24,10 +24,10 @@ import nibabel as nib
 import numpy as np
 
 from seglight.errors import DataError
+from seglight.io import describe_exception, load_nifti, read_array, unreadable_nifti
 
 log = logging.getLogger("seglight")
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Affines of an image and its label may differ by float rounding of a conversion, not by more.
 AFFINE_TOLERANCE = 1e-3
 PERCENTILES = (0.5, 50.0, 99.5)
@@ -186,7 +186,6 @@ def inspect_cases(
         report.findings.extend(findings)
         if info is not None:
             report.infos.append(info)
-    report.findings.extend(_duplicate_ids(cases, names))
     report.findings.extend(_orientation_outliers(cases, report.infos, names))
     if channels is None:
         report.findings.extend(_channel_outliers(cases, report.infos, names))
@@ -291,19 +290,11 @@ def _inspect_case(
 
 
 def _open(path: str) -> tuple[Any, str | None]:
-    p = Path(path)
-    if not p.exists():
-        return None, "file not found"
-    if not p.is_file():
-        return None, "not a file"
+    """(the image, None), or (None, what is wrong with the file) without the path the finding adds."""
     try:
-        img = nib.load(str(p))
-    except Exception as exc:  # nibabel raises several types for foreign or damaged files
-        kind = "not a NIfTI file" if not path.endswith(NIFTI_SUFFIXES) else "not a readable NIfTI image"
-        return None, f"{kind} ({type(exc).__name__}: {_first_line(exc)})"
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        return None, f"not a NIfTI image (nibabel reads it as {type(img).__name__})"
-    return img, None
+        return load_nifti(path), None
+    except DataError as err:
+        return None, str(err).removeprefix(f"{path}: ")
 
 
 def _read(path: str, img: Any, error: Any) -> np.ndarray | None:
@@ -311,14 +302,15 @@ def _read(path: str, img: Any, error: Any) -> np.ndarray | None:
         if path.endswith(".gz"):
             # Decompress the whole stream, so gzip's CRC check runs: a reader that stops at the data's end
             # would miss damage it decodes into plausible-looking voxels.
-            img = type(img).from_bytes(gzip.decompress(Path(path).read_bytes()))
-        return np.asanyarray(img.dataobj)
-    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError: truncated or corrupt data
-        error(
-            path,
-            f"not a readable NIfTI image (truncated or corrupt data: {type(exc).__name__}: "
-            f"{_first_line(exc)})",
-        )
+            try:
+                img = type(img).from_bytes(gzip.decompress(Path(path).read_bytes()))
+            except Exception as exc:  # EOFError, zlib.error, OSError: truncated or corrupt gzip data
+                raise unreadable_nifti(
+                    path, f"truncated or corrupt data: {describe_exception(exc)}"
+                ) from None
+        return read_array(img, path)
+    except DataError as err:
+        error(path, str(err).removeprefix(f"{path}: "))
         return None
 
 
@@ -408,27 +400,6 @@ def _percentiles(volume: np.ndarray) -> list[float]:
 
 
 # -- across cases -------------------------------------------------------------------------------------------
-
-
-def _duplicate_ids(cases: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> list[Finding]:
-    first_seen: dict[str, int] = {}
-    findings = []
-    for index, case in enumerate(cases):
-        case_id = str(case.get("case_id", ""))
-        if case_id in first_seen:
-            path = _as_list(case["image"])[0]
-            other = _as_list(cases[first_seen[case_id]]["image"])[0]
-            findings.append(
-                Finding(
-                    "error",
-                    names.get(path, path),
-                    f"case id '{case_id}' is also used by {names.get(other, other)}; case ids must be unique",
-                    index,
-                )
-            )
-        else:
-            first_seen[case_id] = index
-    return findings
 
 
 def _channel_outliers(
@@ -541,8 +512,3 @@ def _as_list(value: Any) -> list[str]:
 
 def _fmt(shape: Sequence[int]) -> str:
     return "×".join(str(int(s)) for s in shape)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
