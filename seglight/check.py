@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from seglight.console import setup as setup_console
 from seglight.errors import DataError, reported_errors
-from seglight.utils import atomic_write_text
+from seglight.io import atomic_write_text
 
 log = logging.getLogger("seglight")
 

@@ -13,9 +13,10 @@ from omegaconf import DictConfig
 
 from seglight import console
 from seglight.builder import build
+from seglight.callbacks import signal_handlers_kept
 from seglight.checkpointing import checkpoint_dir, resolve_checkpoint
 from seglight.errors import reported_errors
-from seglight.evaluate import evaluate_after_training
+from seglight.evaluation import evaluate_after_training
 from seglight.report import describe_model, write_run_info, write_summary
 from seglight.sweep import run_job
 from seglight.tracking import finish_trackers
@@ -37,7 +38,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_run_info(cfg, cfg.paths.output_dir, resumed_from=ckpt_path)
     log.info(describe_model(module))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with signal_handlers_kept():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         # SIGTERM or Ctrl-C: seglight.callbacks.Preemption saved last.ckpt and set the exit status (143/130).
         write_summary(trainer, cfg.paths.output_dir, "interrupted", time.monotonic() - started)

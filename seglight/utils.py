@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def plain(value: Any) -> Any:
+    """OmegaConf containers (and mappings, lists and tuples holding them) as plain Python dicts and lists.
+
+    Hyperparameters saved in checkpoints, JSON records and messages then hold builtin types only, whether the
+    caller passed a Hydra config node or a dict.
+    """
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, make_msd_dataset, tensorboard_scalars, tiny_overrides, write_nifti
+from tests.helpers import REPO, make_msd_dataset, tensorboard_scalars, tiny_overrides, write_nifti
 
 pytestmark = pytest.mark.slow
 
