@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["SegDataModule", "SegModule", "build", "compose"]
+__all__ = ["SegDataModule", "SegModule", "build", "compose", "predict_volume"]
 
 if TYPE_CHECKING:
     from seglight.builder import build, compose
     from seglight.data import SegDataModule
+    from seglight.inference import predict_volume
     from seglight.module import SegModule
 
 # The functions live in seglight.builder, not seglight.build: a submodule named `build` would replace the
@@ -19,6 +20,7 @@ _LAZY = {
     "SegDataModule": "seglight.data",
     "build": "seglight.builder",
     "compose": "seglight.builder",
+    "predict_volume": "seglight.inference",
 }
 
 

@@ -12,6 +12,7 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,24 @@ from seglight.errors import ConfigError, SeglightError
 log = logging.getLogger("seglight")
 
 INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def signal_handlers_kept() -> Iterator[None]:
+    """Put the SIGTERM/SIGINT handlers back as they were when the block ends, however it ends.
+
+    Lightning restores the handlers it found when a fit ends, but after an exception those are Preemption's (it
+    installs them first); a run inside a sweep or a notebook must leave the process as it found it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in INTERRUPT_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def interrupted_exit_code(signum: int) -> int:

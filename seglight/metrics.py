@@ -10,32 +10,22 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_hausdorff_distance
 from monai.metrics.utils import do_metric_reduction
 
-
-def spacing_from_affine(affine: torch.Tensor) -> torch.Tensor:
-    """Voxel spacing (mm) along each array axis, ``(B, 3)``, from ``(B, 4, 4)`` or ``(4, 4)`` affines.
-
-    The spacing of axis ``j`` is the length of the affine's column ``j``, which stays right after
-    reorientation, resampling and resizing (MONAI updates the affine in each of them).
-    """
-    a = torch.as_tensor(affine, dtype=torch.float64)
-    if a.ndim == 2:
-        a = a[None]
-    dims = a.shape[-1] - 1
-    return torch.linalg.norm(a[:, :dims, :dims], dim=1)
+from seglight.io import spacing_from_affine
 
 
 def image_spacing(image: torch.Tensor) -> list[list[float]] | None:
     """Per-case spacing of a batch from its MetaTensor affine; None for a plain tensor (no geometry known)."""
     if not isinstance(image, MetaTensor):
         return None
-    spacing = spacing_from_affine(image.affine.detach().cpu())
+    spacing = np.atleast_2d(spacing_from_affine(image.affine))
     if spacing.shape[0] == 1 and image.shape[0] > 1:  # one affine for the whole batch
-        spacing = spacing.expand(image.shape[0], -1)
+        spacing = np.repeat(spacing, image.shape[0], axis=0)
     return spacing.tolist()
 
 
@@ -53,30 +43,36 @@ def volume_diagonal(shape: Sequence[int], spacing: Sequence[Sequence[float]] | N
     return (extent[None] * torch.tensor(spacing, dtype=torch.float64)).norm(dim=1).float()
 
 
-class HD95Metric(HausdorffDistanceMetric):
-    """``HausdorffDistanceMetric(percentile=95)`` in mm, computed on the CPU, where a missed structure counts.
+def hd95_mm(
+    y_pred: torch.Tensor, y: torch.Tensor, spacing: Sequence[Sequence[float]] | None = None
+) -> torch.Tensor:
+    """HD95 in mm per case and class, ``(B, C)``, of masks ``(B, C, ...)``, where a missed structure counts.
 
     MONAI documents that an empty prediction or an empty ground truth "may result in nan/inf distance"; for the
     95th percentile it gives NaN, which every reduction then skips, so a model that misses a structure would
     look perfect. Here a class present in only one of prediction and ground truth scores the largest distance
     the volume allows (its diagonal in mm). A class absent from both stays NaN (nothing to measure), and
-    reductions skip it as MONAI's do.
+    reductions skip it as MONAI's do. Background is dropped as ``include_background=False`` does. Computed on
+    the CPU: the KD-tree surface distance there is fast and needs neither cuCIM nor GPU memory.
     """
+    y_pred, y = y_pred.detach().float().cpu(), y.detach().float().cpu()
+    with warnings.catch_warnings():
+        # Empty masks are handled just below; MONAI's warning per case and class would only be noise.
+        warnings.filterwarnings("ignore", message=".*may result in nan/inf distance")
+        hd = compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95, spacing=spacing)
+    one_sided = foreground_present(y_pred) ^ foreground_present(y)
+    worst = volume_diagonal(y.shape[2:], spacing).expand(y.shape[0])
+    return torch.where(one_sided, worst[:, None].to(hd.dtype), hd)
+
+
+class HD95Metric(HausdorffDistanceMetric):
+    """``HausdorffDistanceMetric(percentile=95)`` in mm with seglight's empty-mask rule (see ``hd95_mm``)."""
 
     def __init__(self) -> None:
         super().__init__(include_background=False, percentile=95, reduction="mean")
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        # The KD-tree surface distance on the CPU is fast and needs neither cuCIM nor GPU memory.
-        y_pred, y = y_pred.detach().float().cpu(), y.detach().float().cpu()
-        spacing = kwargs.get("spacing")
-        with warnings.catch_warnings():
-            # Empty masks are handled just below; MONAI's warning per case and class would only be noise.
-            warnings.filterwarnings("ignore", message=".*may result in nan/inf distance")
-            hd = super()._compute_tensor(y_pred, y, spacing=spacing)
-        one_sided = foreground_present(y_pred) ^ foreground_present(y)
-        worst = volume_diagonal(y.shape[2:], spacing).expand(y.shape[0])
-        return torch.where(one_sided, worst[:, None].to(hd.dtype), hd)
+        return hd95_mm(y_pred, y, kwargs.get("spacing"))
 
 
 def per_class_means(values: torch.Tensor | None) -> tuple[float | None, list[float | None]]:

@@ -17,8 +17,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
+from seglight.checkpointing import safe_load
+from seglight.errors import SeglightError
+from seglight.io import atomic_write_text
 from seglight.module import SegModule
-from seglight.utils import atomic_write_text
 
 log = logging.getLogger("seglight")
 
@@ -88,29 +90,13 @@ def validation_share(validation_s: float | None, wall_time_s: float | None) -> s
     return f"validation {validation_s:.1f} s of {wall_time_s:.1f} s ({100 * validation_s / wall_time_s:.0f}%)"
 
 
-def write_failure_summary(
-    output_dir: str | Path, error: str, wall_time_s: float | None = None
-) -> dict[str, Any]:
-    """Save a ``summary.json`` that records a failed run and why (used by sweeps, which go on after it)."""
-    summary = {
-        "status": "failed",
-        "error": error,
-        "best_dice": None,
-        "best_epoch": None,
-        "wall_time_s": round(wall_time_s, 1) if wall_time_s is not None else None,
-        "output_dir": str(output_dir),
-    }
-    atomic_write_text(Path(output_dir) / "summary.json", json.dumps(summary, indent=2))
-    return summary
-
-
 def checkpoint_epoch(path: str | Path | None) -> int | None:
     """The epoch a checkpoint was saved at, read from the file (cheaply: memory-mapped), or None."""
     if not path or not Path(path).is_file():
         return None
     try:
-        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["epoch"])
-    except Exception:
+        return int(safe_load(path, mmap=True)["epoch"])
+    except (SeglightError, KeyError, TypeError, ValueError):
         return None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def bench(*args: str, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from seglight import SegDataModule
 from seglight.data.datalists import read_msd_datalist
 from seglight.data.demo import demo_root, ensure_demo_dataset
 from seglight.errors import ConfigError, DataError
-from tests.conftest import make_msd_dataset
+from tests.helpers import make_msd_dataset
 
 
 def test_demo_dataset_is_real_ct_like_nifti_and_reused(tmp_path: Path) -> None:

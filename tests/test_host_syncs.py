@@ -28,7 +28,7 @@ from seglight.errors import ConfigError
 from seglight.metrics import DeviceDiceMetric, HD95Metric, SurfaceMetrics
 from seglight.module import build_optimizer
 from seglight.train import train
-from tests.conftest import tensorboard_scalars, tiny_config
+from tests.helpers import tensorboard_scalars, tiny_config
 
 # PyTorch's own host-side bookkeeping: Adam's step count is a CPU tensor unless fused (seglight's choice on CUDA,
 # where nothing is read), and the loader draws its seeds from CPU tensors.

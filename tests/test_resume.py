@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from seglight.train import train
-from tests.conftest import tensorboard_scalars, tiny_config
+from tests.helpers import tensorboard_scalars, tiny_config
 
 # A schedule that changes the learning rate every epoch: a scheduler reset by the resume would show.
 STEP_LR = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.7}
