@@ -66,7 +66,9 @@ def with_checkpointing(net: nn.Module) -> nn.Module:
     blocks = tuple(block_classes(CHECKPOINT_BLOCKS))
     apply_activation_checkpointing(
         net,
-        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        checkpoint_wrapper_fn=functools.partial(
+            checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+        ),
         check_fn=lambda module: isinstance(module, blocks),
     )
     return net
@@ -89,7 +91,9 @@ def wrap(net: nn.Module, setup: str, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(net, device_ids=[device.index])
 
 
-def measure(name: str, setup: str, precision: str, size: list[int], batch: int, steps: int) -> tuple[float, float]:
+def measure(
+    name: str, setup: str, precision: str, size: list[int], batch: int, steps: int
+) -> tuple[float, float]:
     """(peak GPU memory in GB, median seconds per step) of one setup on this process's GPU."""
     device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.empty_cache()
@@ -124,7 +128,6 @@ def measure(name: str, setup: str, precision: str, size: list[int], batch: int, 
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 1e9
-    del model, optimizer
     return peak, statistics.median(times)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY_SHAPE, TINY_SIZE, run_cli
+from tests.helpers import REPO, TINY_SHAPE, TINY_SIZE, run_cli
 
 pytestmark = pytest.mark.slow
 

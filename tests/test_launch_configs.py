@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import tiny_overrides, train_in_process
+from tests.helpers import tiny_overrides, train_in_process
 
 
 def test_slurm_launcher_config_composes_one_task_per_gpu() -> None:

@@ -15,7 +15,7 @@ from omegaconf import open_dict
 
 from seglight.checkpointing import find_last_checkpoint
 from seglight.train import train
-from tests.conftest import run_cli, tensorboard_scalars, tiny_config, tiny_overrides
+from tests.helpers import run_cli, tensorboard_scalars, tiny_config, tiny_overrides
 
 # A schedule that changes the learning rate every epoch: a scheduler reset by the resume would show.
 STEP_LR = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.7}

@@ -7,16 +7,12 @@ in the client is patched.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -25,65 +21,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 from fsspec.callbacks import Callback
-from moto.server import ThreadedMotoServer
 
 from seglight import SegDataModule
 from seglight.data.remote import RemoteCache, RemoteError
 from seglight.errors import DataError
-from tests.conftest import make_msd_dataset, run_cli, write_nifti
+from tests.helpers import S3, SECRET, free_port, make_msd_dataset, run_cli, write_nifti
 
-SECRET = "seglight-test-secret-do-not-log-8f3a"  # must never reach a config, log or checkpoint
-AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-AWS_ENV += ("AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN")
 FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class S3:
-    endpoint: str
-    client: object
-
-    def upload(self, folder: Path, bucket: str, prefix: str) -> str:
-        """Put every file under ``folder`` into ``bucket/prefix``; returns the ``s3://`` URL of the prefix."""
-        self.client.create_bucket(Bucket=bucket)
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            key = f"{prefix}/{path.relative_to(folder).as_posix()}"
-            self.client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
-        return f"s3://{bucket}/{prefix}"
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3]:
-    """A moto S3 server on a free loopback port, with the AWS environment pointing at it."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in AWS_ENV}
-    for key in AWS_ENV:
-        os.environ.pop(key, None)
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID="seglight-test-key",
-        AWS_SECRET_ACCESS_KEY=SECRET,
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    try:
-        yield S3(endpoint, boto3.client("s3", endpoint_url=endpoint))
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def files_in(folder: Path) -> list[Path]:

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from seglight.data.sampling import EpochSampler, partition, shard
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_shares_and_blocks_cover_every_case_once() -> None:

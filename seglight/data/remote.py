@@ -18,7 +18,6 @@ import logging
 import os
 import posixpath
 import re
-import secrets
 import shutil
 import threading
 from collections.abc import Iterable, Sequence
@@ -27,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seglight.data.cache_files import record_use
 from seglight.errors import ConfigError, DataError
+from seglight.io import atomic_path
 
 log = logging.getLogger("seglight")
 
@@ -179,6 +180,32 @@ class RemoteCache:
             raise self._error(str(folder), exc) from None
         return sorted(fs.unstrip_protocol(e["name"]) for e in entries if e.get("type") == "file")
 
+    def find(self, folder: str | Path, max_depth: int | None = None, limit: int | None = None) -> list[str]:
+        """Every file below a local or remote folder, as sorted paths relative to it with ``/`` separators.
+
+        Hidden files and folders (a name starting with ``.``) are left out. ``max_depth`` is the most path parts
+        a returned path may have (``subj_001/img.nii.gz`` has 2); ``None`` goes all the way down. ``limit`` stops
+        a local search after that many files (some of them, not the first in order).
+        """
+        if not is_remote(folder):
+            return _find_local(Path(folder).expanduser(), max_depth, limit)
+        fs, rpath = self._filesystem(str(folder))
+        rpath = rpath.rstrip("/")
+        try:
+            # One flat listing of the prefix (paged by the store), rather than one request per folder.
+            names = fs.find(rpath)
+        except Exception as exc:
+            raise self._error(str(folder), exc) from None
+        found = []
+        for name in names:
+            relative = str(name)[len(rpath) :].lstrip("/")
+            parts = relative.split("/")
+            if any(not p or p.startswith(".") for p in parts):  # hidden, or a "folder/" marker object
+                continue
+            if max_depth is None or len(parts) <= max_depth:
+                found.append(relative)
+        return sorted(found)[:limit]
+
     # -- fetching ------------------------------------------------------------------------------------------
 
     def fetch(self, url: str, callback: Any = None) -> Path:
@@ -196,6 +223,7 @@ class RemoteCache:
         size = info.get("size")
         dest = self.local_path(url, info)
         if _complete(dest, size):
+            record_use(dest)
             return dest
         from filelock import FileLock
 
@@ -251,16 +279,15 @@ class RemoteCache:
     def _download(self, fs: Any, rpath: str, url: str, dest: Path, size: int | None, callback: Any) -> None:
         from fsspec.callbacks import NoOpCallback
 
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(rpath, str(tmp), callback=callback or NoOpCallback())
-            got = tmp.stat().st_size if tmp.exists() else 0
-            if size is not None and got != size:
-                raise RemoteError(f"{url}: download incomplete ({got} of {size} bytes); run again to retry")
-            os.replace(tmp, dest)
+            with atomic_path(dest, durable=False) as tmp:  # a lost copy is fetched again
+                fs.get_file(rpath, str(tmp), callback=callback or NoOpCallback())
+                got = tmp.stat().st_size if tmp.exists() else 0
+                if size is not None and got != size:
+                    raise RemoteError(
+                        f"{url}: download incomplete ({got} of {size} bytes); run again to retry"
+                    )
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
             _remove_empty(dest.parent, self.cache_dir)
             if isinstance(exc, RemoteError) or not isinstance(exc, Exception):
                 raise
@@ -344,6 +371,27 @@ def localize_paths(value: Any, fetched: dict[str, Path]) -> Any:
 def glob_escape(text: str) -> str:
     """``text`` with glob wildcards escaped."""
     return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _find_local(base: Path, max_depth: int | None, limit: int | None = None) -> list[str]:
+    """``RemoteCache.find`` for a local folder; symbolic links are followed, each real folder visited once."""
+    found: list[str] = []
+    visited: set[str] = set()
+    for current, dirs, files in os.walk(base, followlinks=True):
+        real = os.path.realpath(current)
+        relative = Path(current).relative_to(base)
+        depth = len(relative.parts)
+        if real in visited:  # a link back up the tree
+            dirs[:] = []
+            continue
+        visited.add(real)
+        deeper = max_depth is None or depth + 1 < max_depth
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if deeper else []
+        if max_depth is None or depth + 1 <= max_depth:
+            found.extend((relative / f).as_posix() for f in sorted(files) if not f.startswith("."))
+        if limit is not None and len(found) >= limit:
+            break
+    return sorted(found[:limit] if limit is not None else found)
 
 
 def _complete(dest: Path, size: int | None) -> bool:
