@@ -15,7 +15,7 @@ help:
 	@echo "make train   set up .venv and train SegResNet on the built-in demo data (ARGS='key=value ...')"
 	@echo "make test    set up .venv and run the test suite"
 	@echo "make lint    ruff check + format check;  make format  apply ruff format"
-	@echo "make bench   run the benchmarks in benchmarks/"
+	@echo "make bench   seglight against the reference lab, side by side: one table (benchmarks/run.py)"
 
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
@@ -55,8 +55,9 @@ format: setup-dev
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# One table of side-by-side ratios, also written to benchmarks/results/<machine>.json (ARGS="--repeats 5").
 bench: setup
-	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+	$(PY) benchmarks/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

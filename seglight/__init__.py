@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from seglight.run_folder import register_resolvers
+
 __version__ = "0.1.0"
-__all__ = ["SegDataModule", "SegModule", "build", "compose"]
+__all__ = ["SegDataModule", "SegModule", "build", "compose", "predict_volume"]
 
 if TYPE_CHECKING:
     from seglight.builder import build, compose
     from seglight.data import SegDataModule
+    from seglight.inference import predict_volume
     from seglight.module import SegModule
 
 # The functions live in seglight.builder, not seglight.build: a submodule named `build` would replace the
@@ -19,7 +22,11 @@ _LAZY = {
     "SegDataModule": "seglight.data",
     "build": "seglight.builder",
     "compose": "seglight.builder",
+    "predict_volume": "seglight.inference",
 }
+
+# Before any config is composed: run folders are named by ${seglight.run_name:} (see seglight.run_folder).
+register_resolvers()
 
 
 def __getattr__(name: str) -> Any:

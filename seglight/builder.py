@@ -14,13 +14,18 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seglight.checkpointing import AtomicCheckpointIO
-from seglight.data.transforms import oriented_geometry
+from seglight.console import trainer_output
+from seglight.data import SegDataModule
+from seglight.distributed import cluster_plugins
 from seglight.errors import ConfigError
 from seglight.module import SegModule
-from seglight.networks import class_name, resolve_network_config
+from seglight.networks import class_name, normalises_over_batch, resolve_network_config
+from seglight.tracking import ExperimentTracking, build_loggers, config_dict, run_settings
+from seglight.utils import plain
 
 log = logging.getLogger("seglight")
 
@@ -39,6 +44,8 @@ def compose(
     """
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    if "paths" not in cfg:
+        return cfg  # an application without a run folder (evaluate's, viz's)
     if output_dir is None:
         output_dir = Path("outputs") / "notebook" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     with open_dict(cfg):
@@ -46,12 +53,25 @@ def compose(
     return cfg
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, SegModule, L.Trainer]:
+def build(cfg: DictConfig) -> tuple[SegDataModule, SegModule, L.Trainer]:
     """Instantiate the data module, the module and the trainer that ``cfg`` describes."""
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg, datamodule)
-    trainer = build_trainer(cfg)
+    match_data_to_model(datamodule, module)
+    trainer = build_trainer(cfg, datamodule)
     return datamodule, module, trainer
+
+
+def match_data_to_model(datamodule: L.LightningDataModule, module: SegModule) -> None:
+    """Tell the data module what the model needs from the data, for its checks and its training loader.
+
+    Label values must lie in 0..C-1 for the model's C classes (checked when each case is first read), and a
+    network with BatchNorm must never get a training batch of one case (the loader drops such a last batch).
+    """
+    if hasattr(datamodule, "num_classes"):
+        datamodule.num_classes = module.num_classes
+    if hasattr(datamodule, "avoid_batches_of_one"):
+        datamodule.avoid_batches_of_one = normalises_over_batch(module.net)
 
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule | None = None) -> SegModule:
@@ -59,22 +79,27 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule | None = Non
 
     The network's ``auto`` values come from the data (``datamodule``, or one made from ``cfg.data``): input
     channels from the images, output channels from the labels (1 with sigmoid for one foreground label, one per
-    label with softmax for several), DynUNet's kernels and strides and UNETR's input size from the size the
-    network sees. In patch mode, validation slides windows of ``data.patch_size`` over whole volumes.
+    label with softmax for several), DynUNet's kernels and strides and UNETR's input size from what the network
+    sees. In patch mode, validation slides windows of ``data.patch.size`` over whole volumes. The data module's
+    prediction settings are saved with the module, so that its checkpoints predict on their own.
     """
     if datamodule is None and cfg.get("data") is not None:
         datamodule = instantiate(cfg.data, _convert_="all")
     net = OmegaConf.to_container(cfg.model, resolve=True)
-    inference = OmegaConf.to_container(cfg.inference, resolve=True) if cfg.get("inference") else {}
+    inference = plain(cfg.get("inference")) or {}
     label_names: dict[int, str] = {}
+    data: dict[str, Any] = {}
     if datamodule is not None:
         label_names = data_label_names(datamodule)
-        size, option, patch = network_input_size(datamodule)
-        spacing = network_input_spacing(datamodule) if class_name(net) == "DynUNet" else None
+        seen = datamodule.network_input()
+        if class_name(net) == "DynUNet" and seen.spacing is None:
+            log.info("Voxel spacing unknown before the data is read: DynUNet is planned for isotropic voxels")
         net = resolve_network_config(
-            net, getattr(datamodule, "num_input_channels", 1), label_names, size, option, spacing
+            net, datamodule.num_input_channels, label_names, seen.size, seen.option, seen.spacing
         )
-        inference["roi_size"] = size if patch else None
+        if inference.get("roi_size") is None and seen.sliding_window:
+            inference["roi_size"] = seen.size
+        data = datamodule.prediction_settings()
     return SegModule(
         net=net,
         loss=cfg.loss,
@@ -83,48 +108,39 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule | None = Non
         label_names=label_names,
         inference=inference,
         metrics=cfg.get("metrics"),
+        compute=cfg.get("compute"),
+        data=data,
     )
 
 
-def data_label_names(datamodule: L.LightningDataModule) -> dict[int, str]:
+def data_label_names(datamodule: SegDataModule) -> dict[int, str]:
     """The dataset's label values and names (background included); the demo is generated first if need be."""
-    names = getattr(datamodule, "label_names", {}) or {}
-    if not names and getattr(datamodule, "demo", None) is not None:
+    names = datamodule.label_names
+    if not names and datamodule.demo is not None:
         datamodule.prepare_data()  # the demo's dataset.json is written on first use
         names = datamodule.label_names
     return dict(names)
 
 
-def network_input_size(datamodule: L.LightningDataModule) -> tuple[list[int], str, bool]:
-    """(size the network sees, the option that sets it, whether validation slides windows over volumes)."""
-    if getattr(datamodule, "mode", "resize") == "patch":
-        return list(datamodule.patch_size), "data.patch_size", True
-    return list(datamodule.spatial_size), "data.spatial_size", False
+def build_trainer(cfg: DictConfig, datamodule: L.LightningDataModule | None = None) -> L.Trainer:
+    """The Lightning Trainer with the configured callbacks and loggers, on the CPU if CUDA is absent.
 
-
-def network_input_spacing(datamodule: L.LightningDataModule) -> list[float] | None:
-    """Voxel spacing (mm) of what the network sees, from the first case's header; None if unreadable."""
-    if getattr(datamodule, "mode", "resize") == "patch" and datamodule.target_spacing is not None:
-        return list(datamodule.target_spacing)
-    try:
-        case = datamodule.read_cases()[0]
-        path = case["image"][0] if isinstance(case["image"], list) else case["image"]
-        shape, spacing = oriented_geometry(str(path), getattr(datamodule, "orientation", "RAS"))
-    except Exception as exc:  # remote or unreadable: DynUNet falls back to isotropic planning
-        log.info("Spacing for DynUNet planning unknown (%s): assuming isotropic voxels", exc)
-        return None
-    if getattr(datamodule, "mode", "resize") == "patch":
-        return spacing
-    return [s * n / m for s, n, m in zip(spacing, shape, datamodule.spatial_size, strict=True)]
-
-
-def build_trainer(cfg: DictConfig) -> L.Trainer:
-    """The Lightning Trainer with the configured callbacks and loggers, on the CPU if CUDA is absent."""
+    With seglight's data module, Lightning does not add its DistributedSampler: the data module's loaders give
+    each process its share themselves (and pad nothing in validation). Other data modules keep Lightning's.
+    """
     trainer_cfg = fall_back_to_cpu(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if isinstance(datamodule, SegDataModule):
+        trainer_cfg["use_distributed_sampler"] = False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg and "_target_" in lg]
+    loggers = build_loggers(cfg.get("logger"))
+    if loggers:
+        callbacks.append(ExperimentTracking(config_dict(cfg), run_settings(cfg)))
+    else:  # logger=none: Lightning refuses a learning-rate monitor without a logger; the epoch line shows it
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    # A progress bar where a person watches, one line per epoch in logs; Lightning's summary as one line.
+    trainer_cfg, callbacks = trainer_output(trainer_cfg, callbacks)
     # Checkpoints are written to a temporary name and renamed: a kill mid-write never truncates last.ckpt.
-    plugins = list(trainer_cfg.pop("plugins", None) or [])
+    plugins = list(trainer_cfg.pop("plugins", None) or []) + cluster_plugins()
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     try:
@@ -134,15 +150,53 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 
 
 def fall_back_to_cpu(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-    """Swap a GPU trainer config for the CPU at 32-bit when CUDA is not available, with a one-line notice."""
+    """Swap a GPU trainer config for the CPU at 32-bit when CUDA is not available, with a one-line notice.
+
+    A data-parallel config (``trainer=ddp``) stays data-parallel: ``trainer.devices`` CPU processes that talk
+    over gloo, as the tests and a laptop rehearsal of a cluster run need. FSDP cannot run on the CPU (Lightning
+    refuses it): a ConfigError says so.
+    """
     cfg = dict(trainer_cfg)
     accelerator = str(cfg.get("accelerator", "auto")).lower()
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        log.warning("No CUDA GPU found: training on the CPU at 32-bit precision (trainer.accelerator=cpu).")
-        cfg.update(accelerator="cpu", devices=1, precision="32")
-        cfg.pop("strategy", None)
-        cfg.pop("sync_batchnorm", None)
+    wants_gpu = accelerator in ("gpu", "cuda")
+    if is_fsdp(cfg.get("strategy")) and (accelerator == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError(
+            "trainer=fsdp needs CUDA GPUs (Lightning's FSDP does not run on the CPU); on this machine use "
+            "trainer=ddp, or trainer=cpu"
+        )
+    if wants_gpu and not torch.cuda.is_available():
+        cfg.update(accelerator="cpu", precision="32")
+        if is_data_parallel(cfg.get("strategy")):
+            log.warning(
+                "No CUDA GPU found: data-parallel training in %s CPU process(es) over gloo at 32-bit precision.",
+                cfg.get("devices", 1),
+            )
+            if cfg.pop("sync_batchnorm", None):
+                log.info("SyncBatchNorm needs GPUs: each CPU process keeps its own BatchNorm statistics.")
+        else:
+            log.warning(
+                "No CUDA GPU found: training on the CPU at 32-bit precision (trainer.accelerator=cpu)."
+            )
+            cfg["devices"] = 1
+            cfg.pop("strategy", None)
+            cfg.pop("sync_batchnorm", None)
     elif accelerator == "cpu" and str(cfg.get("precision", "32")).startswith("16"):
         log.warning("16-bit mixed precision needs a GPU: training on the CPU at 32-bit precision instead.")
         cfg["precision"] = "32"
     return cfg
+
+
+def _strategy_name(strategy: Any) -> str:
+    if isinstance(strategy, dict):
+        return str(strategy.get("_target_", "")).lower()
+    return str(type(strategy).__name__ if not isinstance(strategy, str) else strategy).lower()
+
+
+def is_fsdp(strategy: Any) -> bool:
+    """Whether a trainer's ``strategy`` (a name, a ``_target_`` config or an object) is FSDP."""
+    return strategy is not None and "fsdp" in _strategy_name(strategy)
+
+
+def is_data_parallel(strategy: Any) -> bool:
+    """Whether a trainer's ``strategy`` runs several processes (DDP in any of its forms, or FSDP)."""
+    return strategy is not None and any(k in _strategy_name(strategy) for k in ("ddp", "fsdp"))

@@ -10,7 +10,9 @@ import math
 import random
 import signal
 import threading
+from collections import deque
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,30 @@ from monai.transforms import Compose, Randomizable, Transform
 from torch.utils.data import DataLoader
 
 from seglight.checkpointing import checkpoint_dir
+from seglight.data.sampling import uses_seeded_sampling
 from seglight.errors import ConfigError, SeglightError
 
 log = logging.getLogger("seglight")
 
 INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def signal_handlers_kept() -> Iterator[None]:
+    """Put the SIGTERM/SIGINT handlers back as they were when the block ends, however it ends.
+
+    Lightning restores the handlers it found when a fit ends, but after an exception those are Preemption's (it
+    installs them first); a run inside a sweep or a notebook must leave the process as it found it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in INTERRUPT_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def interrupted_exit_code(signum: int) -> int:
@@ -68,6 +89,13 @@ class Preemption(Callback):
     routes the first Ctrl-C there (a second one stops at once, without saving), saves ``last.ckpt`` when that
     exception passes, and sets the exit status to 143 (SIGTERM) or 130 (SIGINT). A SIGKILL cannot be caught:
     ``every_n_train_steps`` bounds what it can lose by also refreshing ``last.ckpt`` every N optimizer steps.
+
+    With several processes (DDP, FSDP), the signal handler only takes note (and passes the signal on to the
+    processes Lightning's launcher started): a collective inside a signal handler, as Lightning's own does, can
+    pair with another process's gradient all-reduce and hang, and a second signal to the same process (Ctrl-C
+    reaches every process, and the launcher forwards it again) adds a collective the others never make. The
+    processes instead agree after every training step and epoch, all together, whether any of them was
+    signalled; then Lightning stops all of them after that same step and each saves its part of ``last.ckpt``.
     """
 
     def __init__(self, every_n_train_steps: int | None = None) -> None:
@@ -79,12 +107,16 @@ class Preemption(Callback):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
         self._active = False
+        self._trainer: L.Trainer | None = None
+        self._in_group = False  # several processes: stop when they agree (see the class docstring)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return  # Python runs signal handlers in the main thread only
         self.signum = None
         self._active = True
+        self._trainer = trainer
+        self._in_group = False
         # Installed before Lightning's own SIGTERM handler, which then calls this one after setting its flag.
         self._previous = {signum: signal.getsignal(signum) for signum in INTERRUPT_SIGNALS}
         for signum in INTERRUPT_SIGNALS:
@@ -119,15 +151,45 @@ class Preemption(Callback):
         self._active = False
 
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over_in_group(trainer)
         self._forward_early_signal(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over_in_group(trainer)
         self._forward_early_signal(trainer)
+
+    def _take_over_in_group(self, trainer: L.Trainer) -> None:
+        # Lightning has just installed its SIGTERM handler (it does so right before the loops): with several
+        # processes, replace it by one that makes no collective call (see the class docstring).
+        if trainer.world_size > 1 and self._active and threading.current_thread() is threading.main_thread():
+            self._in_group = True
+            signal.signal(signal.SIGTERM, self._on_signal_in_group)
+
+    def _on_signal_in_group(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
+        self._on_signal(signum, frame)
+        launcher = getattr(self._trainer.strategy, "launcher", None) if self._trainer is not None else None
+        if first and launcher is not None:
+            launcher.kill(signum)  # the processes Lightning's launcher started (none under torchrun or srun)
+
+    def _agree_to_stop(self, trainer: L.Trainer) -> None:
+        """All processes, after the same step: stop together if any of them was signalled."""
+        if not self._in_group:
+            return
+        if trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+            if self.signum is None:
+                self.signum = signal.SIGTERM
+            # Lightning's own flag (no public setter): its loops raise SIGTERMException after this step.
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._agree_to_stop(trainer)
 
     def _forward_early_signal(self, trainer: L.Trainer) -> None:
         # A signal that came while the trainer was still setting up, before Lightning had its SIGTERM handler
         # in place (it installs it just before the loops start): hand it on now that the handler is there.
-        if self.signum is not None and not trainer.received_sigterm:
+        # With several processes, the next step's agreement picks it up.
+        if self.signum is not None and not trainer.received_sigterm and not self._in_group:
             signal.raise_signal(signal.SIGTERM)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -139,6 +201,7 @@ class Preemption(Callback):
         n = self.every_n_train_steps
         if n and trainer.global_step > 0 and trainer.global_step % n == 0:
             save_last_checkpoint(trainer)
+        self._agree_to_stop(trainer)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -154,6 +217,8 @@ class Preemption(Callback):
             log.warning("Interrupted by %s before training started; exit status %d.", name, exception.code)
             return
         path = save_last_checkpoint(trainer)
+        if not trainer.is_global_zero:
+            return  # every process saved its part; rank 0 reports
         log.warning(
             "Interrupted by %s at step %d (epoch %d): saved %s; exit status %d. Continue with: "
             "python -m seglight.train hydra.run.dir=%s resume=true",
@@ -170,10 +235,13 @@ class RNGState(Callback):
     """Save every random state a training run draws from in each checkpoint, and restore it on resume.
 
     Lightning restores weights, optimizer, scheduler, scaler and loop counters, but not random states: without
-    this callback a resumed run sees other shuffles, augmentations and dropout masks than an uninterrupted one.
-    Saved: Python, NumPy, torch (CPU and CUDA) and each MONAI random transform of the training data (each keeps
-    its own ``R``). With ``data.num_workers=0`` a run resumed at an epoch boundary is bit-identical on the CPU;
-    with workers, the workers are reseeded from the restored state (reproducible, not identical).
+    this callback a resumed run draws other dropout masks than an uninterrupted one. Saved: Python, NumPy and
+    torch (CPU and CUDA). seglight's own training loaders need nothing more: their order and augmentation are a
+    function of (seed, epoch, rank, position) and their position is saved by Lightning (see
+    ``seglight.data.sampling``), so on the CPU a run resumed at any step, with or without loader workers, ends
+    with the same weights as one that was never stopped. For other loaders, each MONAI random transform's own
+    state is saved too (exact with ``num_workers=0`` at epoch boundaries; workers are reseeded from the
+    restored state: reproducible, not identical). On GPUs, cuDNN's and atomics' non-determinism remains.
     """
 
     def __init__(self) -> None:
@@ -207,12 +275,15 @@ class RNGState(Callback):
 
 
 def train_loaders(trainer: L.Trainer) -> list[DataLoader]:
-    """The training DataLoaders the trainer iterates (empty before ``fit`` has set them up)."""
+    """The training DataLoaders whose transforms keep their own random state (empty before ``fit`` set them up).
+
+    seglight's loaders re-seed their transforms for every sample, so their states need no saving.
+    """
     try:
         loaders = trainer.train_dataloader
     except Exception:
         return []
-    return list(_flatten_loaders(loaders))
+    return [loader for loader in _flatten_loaders(loaders) if not uses_seeded_sampling(loader)]
 
 
 def _flatten_loaders(obj: Any) -> Iterator[DataLoader]:
@@ -317,15 +388,20 @@ class NonFiniteLossError(SeglightError):
 
 
 class NaNGuard(Callback):
-    """Stop at the first NaN or Inf training loss, before it reaches the weights or a checkpoint.
+    """Stop at the first NaN or Inf training loss, before it reaches a checkpoint.
 
-    The message names the step, the last good checkpoint (left as it was) and the usual fixes. The check runs
-    before the backward pass, so the weights in memory are still the last finite ones.
+    The message names the step, the last good checkpoint (left as it was) and the usual fixes. Reading the loss
+    back would make the host wait for the GPU at every step, so each step's check (loss, and input values) is
+    computed on the device and copied back without waiting; it is read once it has arrived, at a later step,
+    and always before a checkpoint is written, before validation and at the end of an epoch. On the CPU the check
+    is read at once, before the backward pass, so the weights in memory are still the last finite ones; on a GPU
+    a step or two may have run before the stop, and none of it is saved.
     """
 
     def __init__(self) -> None:
         self._batch: Any = None
         self._batch_idx = 0
+        self._pending: deque[_StepCheck] = deque()
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -340,13 +416,56 @@ class NaNGuard(Callback):
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        if bool(torch.isfinite(loss.detach()).all()):
-            return
-        raise NonFiniteLossError(self.describe(trainer, loss))
+        finite = torch.isfinite(loss.detach()).all().reshape(1)
+        # Where the check is read later, the batch is gone by then: which inputs were finite travels with it.
+        deferred = finite.device.type != "cpu"
+        inputs = _input_checks(self._batch) if deferred else {}
+        flags = torch.cat([finite, *inputs.values()]) if inputs else finite
+        where = f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {self._batch_idx})"
+        names = {key: _case_names(self._batch, key, len(value)) for key, value in inputs.items()}
+        self._pending.append(_StepCheck(_Readback(flags), where, list(inputs), names))
+        self._raise_if_bad(trainer, loss, wait=False)
 
-    def describe(self, trainer: L.Trainer, loss: torch.Tensor) -> str:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._raise_if_bad(trainer, wait=True)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._raise_if_bad(trainer, wait=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._raise_if_bad(trainer, wait=True)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Raised before the file is written: a checkpoint never holds weights that a non-finite step touched.
+        self._raise_if_bad(trainer, wait=True)
+
+    def _raise_if_bad(self, trainer: L.Trainer, loss: torch.Tensor | None = None, wait: bool = False) -> None:
+        """Read the checks that have arrived (all of them with ``wait``); raise at the first non-finite loss."""
+        while self._pending and (wait or self._pending[0].flags.ready()):
+            check = self._pending.popleft()
+            flags = check.flags.value().tolist()  # a host tensor by now: nothing waits here
+            if flags[0]:
+                continue
+            self._pending.clear()
+            bad_input = check.bad_inputs(flags[1:]) if check.keys else self._non_finite_inputs()
+            raise NonFiniteLossError(self.describe(trainer, loss, check.where, bad_input))
+
+    def describe(
+        self,
+        trainer: L.Trainer,
+        loss: torch.Tensor | None = None,
+        where: str | None = None,
+        bad_input: str | None = None,
+    ) -> str:
         """The one-line report: what, where, which checkpoint is safe, what to try."""
-        value = "NaN" if bool(torch.isnan(loss.detach()).any()) else "Inf"
+        value = "NaN" if loss is None or bool(torch.isnan(loss.detach()).any()) else "Inf"
+        if loss is None or loss.device.type != "cpu":
+            value = "NaN or Inf"  # the check came back as one flag; the loss itself is gone
+        where = where or (
+            f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {self._batch_idx})"
+        )
         ckpt = trainer.checkpoint_callback
         last = getattr(ckpt, "last_model_path", "") or ""
         kept = f"the last good checkpoint, {last}, is kept" if last else "no checkpoint had been saved yet"
@@ -361,12 +480,12 @@ class NaNGuard(Callback):
                 "lower optimizer.lr; with 16-bit mixed precision use trainer.precision=bf16-mixed or "
                 "trainer.precision=32"
             )
-        bad_input = self._non_finite_inputs()
+        if bad_input is None:
+            bad_input = self._non_finite_inputs()
         if bad_input:
             fix = f"the input batch itself has NaN/Inf values ({bad_input}): check those images"
         return (
-            f"training loss is {value} at step {trainer.global_step} (epoch {trainer.current_epoch}, "
-            f"batch {self._batch_idx}); training stopped and {kept}. Fix: {fix}. "
+            f"training loss is {value} at {where}; training stopped and {kept}. Fix: {fix}. "
             "To find the operation that produced it: +trainer.detect_anomaly=true"
         )
 
@@ -385,6 +504,68 @@ class NaNGuard(Callback):
             names = [str(names[i]) for i in bad if isinstance(names, list | tuple) and i < len(names)]
             return f"'{key}'" + (f" of {', '.join(names)}" if names else "")
         return ""
+
+
+class _Readback:
+    """A small device tensor on its way to the host: ``ready`` asks without waiting, ``value`` waits."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.event: Any = None
+        if tensor.device.type == "cuda":
+            self.host = tensor.to("cpu", non_blocking=True)  # pinned, queued behind the step's kernels
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensor.cpu()  # the CPU (nothing to wait for) or a device without events
+
+    def ready(self) -> bool:
+        return self.event is None or bool(self.event.query())
+
+    def value(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
+class _StepCheck:
+    """One training step's finiteness flags (loss first, then each input's cases) and where the step was."""
+
+    def __init__(self, flags: _Readback, where: str, keys: list[str], names: dict[str, list[str]]) -> None:
+        self.flags, self.where, self.keys, self.names = flags, where, keys, names
+
+    def bad_inputs(self, item_flags: list[bool]) -> str:
+        """Which input had NaN/Inf values, and in which cases; '' when all were finite."""
+        offset = 0
+        for key in self.keys:
+            names = self.names[key]
+            flags = item_flags[offset : offset + len(names)]
+            offset += len(names)
+            bad = [name for name, ok in zip(names, flags, strict=True) if not ok]
+            if bad:
+                named = [n for n in bad if n]
+                return f"'{key}'" + (f" of {', '.join(named)}" if named else "")
+        return ""
+
+
+def _input_checks(batch: Any) -> dict[str, torch.Tensor]:
+    """Per case, whether each floating-point input of the batch is finite (device tensors, nothing read back)."""
+    if not isinstance(batch, Mapping):
+        return {}
+    return {
+        key: torch.isfinite(value.detach()).flatten(1).all(1)
+        for key, value in batch.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim > 1
+    }
+
+
+def _case_names(batch: Any, key: str, count: int) -> list[str]:
+    """Names of the batch's cases: files from MONAI metadata, else case ids, else ''."""
+    value = batch.get(key) if isinstance(batch, Mapping) else None
+    names = getattr(value, "meta", {}).get("filename_or_obj") if value is not None else None
+    names = names or (batch.get("case_id") if isinstance(batch, Mapping) else None) or []
+    if not isinstance(names, list | tuple):
+        names = []
+    return [str(names[i]) if i < len(names) else "" for i in range(count)]
 
 
 class InjectNaN(Callback):

@@ -11,8 +11,9 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from seglight.console import setup as setup_console
 from seglight.errors import DataError, reported_errors
-from seglight.utils import atomic_write_text
+from seglight.io import atomic_write_text
 
 log = logging.getLogger("seglight")
 
@@ -50,6 +51,7 @@ def check(cfg: DictConfig) -> Any:
 @hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="check")
 def main(cfg: DictConfig) -> None:
     """Command-line entry point."""
+    setup_console()
     with reported_errors("seglight.check"):
         check(cfg)
 

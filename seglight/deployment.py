@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seglight.checkpointing import safe_load
 from seglight.deployment_metadata import (
     INPUT_NAME,
     METADATA_NAME,
@@ -36,10 +37,11 @@ from seglight.deployment_metadata import (
     patch_setting,
 )
 from seglight.errors import ConfigError, SeglightError
-from seglight.inference import load_checkpoint
+from seglight.inference import load_module
+from seglight.io import atomic_write_bytes, atomic_write_text
 from seglight.module import SegModule, build_network
 from seglight.networks import check_input_size, class_name, size_divisors, split_options
-from seglight.utils import atomic_write_bytes, atomic_write_text
+from seglight.utils import plain
 
 log = logging.getLogger("seglight")
 
@@ -213,8 +215,11 @@ def output_path(ckpt: str | Path, fmt: str, output: str | Path | None) -> Path:
 
 def load_trained(ckpt: Path) -> tuple[SegModule, dict[str, Any]]:
     """The checkpoint's module (read weights-only, on the CPU) and the data settings it was trained with."""
-    loaded = load_checkpoint(ckpt)
-    return loaded.module, dict(loaded.data)
+    module = load_module(ckpt)
+    # The data module's own record is the fuller one (layout, label key, patch settings); the module's holds what
+    # prediction needs, for checkpoints written without a data module.
+    saved = plain(safe_load(ckpt, mmap=True).get("datamodule_hyper_parameters") or {})
+    return module, {**dict(module.hparams.data), **saved}
 
 
 def plain_network(module: SegModule) -> nn.Module:

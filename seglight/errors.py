@@ -6,6 +6,10 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from hydra.utils import get_method
 
 EXIT_USER_ERROR = 2
 
@@ -60,3 +64,21 @@ def reported_errors(prog: str = "seglight") -> Iterator[None]:
             raise
         print(f"{prog}: error: {user_error}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
+
+
+class CheckBeforeRun(Callback):
+    """Hydra callback: ``check(cfg)`` before Hydra makes the run folder, so that a missing or wrong option stops the
+    command with its one line (exit status 2) and leaves no folder behind.
+
+    Args:
+        check: dotted path of a function that takes the composed config and raises a SeglightError.
+        prog: the command's name for the message (``seglight.predict: error: ...``).
+    """
+
+    def __init__(self, check: str, prog: str = "seglight") -> None:
+        self.check = check
+        self.prog = prog
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        with reported_errors(self.prog):
+            get_method(self.check)(config)

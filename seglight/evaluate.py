@@ -1,419 +1,65 @@
-"""Score predicted masks against ground truth: ``python -m seglight.evaluate pred=<folder> gt=<folder or dataset>``.
-
-Writes ``metrics.csv`` (one row per case: Dice, HD95 in mm, predicted and true volume in ml, per label) and
-``metrics_summary.json``, and prints mean ± std per label. Cases missing on either side are listed in both.
-"""
+"""Score predicted masks against ground truth: ``python -m seglight.evaluate pred=<folder> gt=<folder or dataset>``."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import logging
-import math
-import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import hydra
-import nibabel as nib
-import numpy as np
-import torch
-from monai.metrics import compute_hausdorff_distance
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from seglight.data.datalists import IMAGE, LABEL, case_id_of, declared_labels, read_datalist_file
-from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN, is_nifti, read_folder_cases
-from seglight.data.remote import RemoteCache, is_remote, join_path
-from seglight.data.sources import meta_beside, read_source
-from seglight.errors import ConfigError, DataError, reported_errors
-from seglight.utils import atomic_write_text
-
-log = logging.getLogger("seglight")
-
-OK, MISSING_PRED, MISSING_GT = "ok", "missing prediction", "missing ground truth"
-METRICS = ("dice", "hd95_mm", "pred_ml", "true_ml")
+from seglight.console import setup as setup_console
+from seglight.errors import ConfigError, reported_errors
+from seglight.evaluation import Evaluation, evaluate
+from seglight.postprocessing import PLAN_FILE
+from seglight.utils import plain
 
 
-# -- one pair of masks ---------------------------------------------------------------------------------------------
-
-
-def voxel_spacing(affine: np.ndarray) -> np.ndarray:
-    """Voxel size (mm) along each array axis: the lengths of the affine's columns (right for oblique scans too)."""
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-
-
-def label_metrics(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, label: int) -> dict[str, float]:
-    """Dice, HD95 (mm), predicted and true volume (ml) of one label value in two masks on the same grid.
-
-    Conventions for empty masks, as in training's validation metrics (``seglight.metrics``): a label absent
-    from both has nothing to measure (Dice and HD95 NaN, left out of means); a label in only one of them has
-    Dice 0 and HD95 the length of the volume's diagonal, the largest distance it allows, so a missed
-    structure is never rewarded.
-    """
-    p, g = pred == label, gt == label
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
-    n_pred, n_true = int(p.sum()), int(g.sum())
-    result = {"pred_ml": n_pred * voxel_ml, "true_ml": n_true * voxel_ml}
-    spacing = voxel_spacing(affine)
-    if n_pred == 0 and n_true == 0:
-        return {"dice": math.nan, "hd95_mm": math.nan, **result}
-    if n_pred == 0 or n_true == 0:
-        diagonal = float(np.linalg.norm(np.array(gt.shape, dtype=np.float64) * spacing))
-        return {"dice": 0.0, "hd95_mm": diagonal, **result}
-    dice = 2.0 * int(np.logical_and(p, g).sum()) / (n_pred + n_true)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hd95 = compute_hausdorff_distance(
-            torch.from_numpy(p)[None, None],
-            torch.from_numpy(g)[None, None],
-            include_background=True,
-            percentile=95,
-            spacing=spacing.tolist(),
-        )
-    return {"dice": dice, "hd95_mm": float(hd95.item()), **result}
-
-
-# -- finding the cases ---------------------------------------------------------------------------------------------
-
-
-def masks_in_folder(folder: str | Path, option: str, store: RemoteCache | None = None) -> dict[str, str]:
-    """``case -> file`` for the NIfTI masks directly inside a local folder or ``s3://`` prefix.
-
-    A mask's case is its file name without ``.nii``/``.nii.gz``, as ``seglight.predict`` names its outputs.
-    """
-    store = store or RemoteCache()
-    if is_remote(folder):
-        files = store.list_files(folder)
-    else:
-        path = Path(folder).expanduser()
-        if not path.is_dir():
-            raise DataError(f"{option}={folder}: no such folder")
-        files = [str(p) for p in sorted(path.iterdir()) if p.is_file()]
-    found = {case_id_of(f): f for f in files if is_nifti(f)}  # is_nifti: not a write in progress
-    if not found and option == "pred":
-        raise DataError(f"pred={folder}: the folder holds no .nii or .nii.gz masks")
-    return found
-
-
-def ground_truth(
-    gt: Any,
-    label_key: str = "label",
-    image_key: str | Sequence[str] = "image",
-    image_pattern: str | Sequence[str] = DEFAULT_IMAGE_PATTERN,
-    label_pattern: str = DEFAULT_LABEL_PATTERN,
-    store: RemoteCache | None = None,
-) -> tuple[dict[str, str], dict[int, str]]:
-    """``(case -> local label file, label value -> name)`` of the ground truth, named as training names cases.
-
-    ``gt`` is a list of cases (``case_id`` and ``label``); a folder of label files (named ``<case>.nii.gz``); a
-    dataset (a folder holding ``dataset.json``, MSD or nnU-Net, or the file itself); a JSON/CSV datalist
-    (``image_key``/``label_key`` entries); or subject folders (``label_pattern``; ``image_pattern`` so that cases
-    are named exactly as in training). Local or ``s3://`` alike; remote labels are fetched into the cache.
-    """
-    if isinstance(gt, Sequence) and not isinstance(gt, str):  # cases from a data module
-        return {str(c["case_id"]): str(c[LABEL]) for c in gt}, {}
-    store = store or RemoteCache()
-    text = str(gt)
-    if not is_remote(text):
-        text = str(Path(text).expanduser().resolve())
-        if not Path(text).exists():
-            raise DataError(f"gt={gt}: no such file or folder")
-    elif not store.exists(text):
-        raise DataError(f"gt={gt}: no such object or prefix")
-    is_index = text.rstrip("/").rsplit("/", 1)[-1] == "dataset.json"
-    if text.lower().endswith((".json", ".csv")) and not is_index:
-        cases, meta = read_datalist_file(text, None, image_key, label_key, store)
-        names = declared_labels(meta)
-    elif is_index or store.exists(join_path(text, "dataset.json")):
-        root = text.rsplit("/", 1)[0] if is_index else text
-        source = read_source(root, layout="auto", image_key=image_key, label_key=label_key, store=store)
-        cases, names = source.cases, declared_labels(source.meta)
-    elif is_remote(text) or Path(text).is_dir():
-        labels = masks_in_folder(text, "gt", store)
-        if labels:
-            return _localized(labels, store), {}
-        found = read_folder_cases(text, image_pattern, label_pattern, store, require_label=False, prefix="")
-        cases, names = found.cases, declared_labels(meta_beside(text, store))
-    else:
-        raise DataError(
-            f"gt={gt}: expected a folder of label files, subject folders, a dataset (a folder with "
-            "dataset.json) or a .json/.csv datalist"
-        )
-    labels = {str(c["case_id"]): str(c[LABEL]) for c in cases if c.get(LABEL)}
-    return _localized(labels, store), names
-
-
-def _localized(labels: dict[str, str], store: RemoteCache) -> dict[str, str]:
-    """The label files with remote ones fetched (a file that cannot be fetched keeps its URL: scoring names it)."""
-    fetched, _ = store.fetch_all([f for f in labels.values() if is_remote(f)])
-    return {case: str(fetched.get(f, f)) for case, f in labels.items()}
-
-
-# -- the whole evaluation ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Evaluation:
-    """Per-case rows, the labels scored, and the cases that could not be compared."""
-
-    labels: list[int]
-    label_names: dict[int, str]
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-    def cases(self, status: str) -> list[str]:
-        """Cases with this status (``ok``, ``missing prediction``, ``missing ground truth`` or an error)."""
-        return [r["case"] for r in self.rows if r["status"] == status]
-
-    @property
-    def problems(self) -> list[dict[str, Any]]:
-        """Rows that were not scored, whatever the reason."""
-        return [r for r in self.rows if r["status"] != OK]
-
-    def summary(self) -> dict[str, Any]:
-        """Mean, std and count (NaN left out) of each metric per label, over the scored cases."""
-        scored = [r for r in self.rows if r["status"] == OK]
-        per_label: dict[str, Any] = {}
-        for label in self.labels:
-            stats = {}
-            for metric in METRICS:
-                values = np.array([r[f"{metric}_{label}"] for r in scored], dtype=np.float64)
-                values = values[~np.isnan(values)]
-                stats[metric] = {
-                    "mean": float(values.mean()) if values.size else None,
-                    "std": float(values.std()) if values.size else None,
-                    "n": int(values.size),
-                }
-            per_label[str(label)] = {"name": self.label_names.get(label, f"label {label}"), **stats}
-        return {
-            "cases": len(scored),
-            "labels": per_label,
-            MISSING_PRED: self.cases(MISSING_PRED),
-            MISSING_GT: self.cases(MISSING_GT),
-            "errors": {
-                r["case"]: r["status"] for r in self.problems if r["status"] not in (MISSING_PRED, MISSING_GT)
-            },
-        }
-
-    def csv_text(self) -> str:
-        """The rows as CSV: case, status, then dice/hd95_mm/pred_ml/true_ml for each label (``dice_1``...)."""
-        columns = ["case", "status"] + [f"{m}_{label}" for label in self.labels for m in METRICS]
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in self.rows:
-            writer.writerow({k: _cell(row.get(k)) for k in columns})
-        return out.getvalue()
-
-    def describe(self) -> str:
-        """Mean ± std per label, then the cases that were not scored: what the command prints."""
-        lines = [f"Scored {len(self.cases(OK))} case(s)."]
-        for label, stats in self.summary()["labels"].items():
-            lines.append(
-                f"  {label} ({stats['name']}): Dice {_mean_std(stats['dice'])} | "
-                f"HD95 {_mean_std(stats['hd95_mm'], ' mm')} | "
-                f"volume {_mean_std(stats['pred_ml'], ' ml')} predicted, {_mean_std(stats['true_ml'], ' ml')} true"
+def check_options(cfg: DictConfig) -> None:
+    """``pred=`` and ``gt=`` are given."""
+    for key in ("pred", "gt"):
+        if cfg.get(key) in (None, "", []):
+            raise ConfigError(
+                f"{key}= is required, e.g. python -m seglight.evaluate pred=<folder> gt=<folder>"
             )
-        for status in (MISSING_PRED, MISSING_GT):
-            missing = self.cases(status)
-            if missing:
-                lines.append(f"  {status} ({len(missing)}): {', '.join(missing)}")
-        for row in self.problems:
-            if row["status"] not in (MISSING_PRED, MISSING_GT):
-                lines.append(f"  not scored: {row['case']}: {row['status']}")
-        return "\n".join(lines)
-
-
-def evaluate(
-    pred: str | Path,
-    gt: Any,
-    output: str | Path | None = None,
-    labels: Sequence[int] | None = None,
-    label_key: str = "label",
-    label_names: Mapping[int, str] | None = None,
-    image_key: str | Sequence[str] = "image",
-    image_pattern: str | Sequence[str] = DEFAULT_IMAGE_PATTERN,
-    label_pattern: str = DEFAULT_LABEL_PATTERN,
-) -> Evaluation:
-    """Compare every mask in ``pred`` with its ground truth; write ``metrics.csv`` and ``metrics_summary.json``.
-
-    Args:
-        pred: folder of ``<case>.nii.gz`` masks.
-        gt: folder of ``<case>.nii.gz`` labels, a dataset (folder with ``dataset.json``, or the file), or a list
-            of cases (``case_id`` and ``label``).
-        output: folder for the results (default ``pred``).
-        labels: label values to score (default: the dataset's labels, else every value present but 0).
-        label_key: the labels' key in a dataset.json's or datalist's entries.
-        label_names: label value -> name, for the summary (default: the dataset's).
-        image_key, image_pattern, label_pattern: how the ground truth names its cases when it is a datalist or
-            subject folders, as the data options of the same names in training.
-    """
-    predictions = masks_in_folder(pred, "pred")
-    truths, names = ground_truth(gt, label_key, image_key, image_pattern, label_pattern)
-    if not isinstance(gt, str | Path):
-        gt = "<the given cases>"
-    names = {**names, **{int(k): str(v) for k, v in (label_names or {}).items()}}
-    if not truths:
-        raise DataError(f"gt={gt}: no ground-truth masks found")
-    if not set(predictions) & set(truths):
-        raise DataError(
-            f"pred={pred} and gt={gt} have no case in common (predictions: {_some(predictions)}; "
-            f"ground truth: {_some(truths)}); masks are matched by file name"
-        )
-    chosen = [int(v) for v in labels] if labels else sorted(v for v in names if v != 0)
-    rows: list[dict[str, Any]] = []
-    for case in sorted(set(predictions) | set(truths)):
-        if case not in predictions:
-            rows.append({"case": case, "status": MISSING_PRED})
-        elif case not in truths:
-            rows.append({"case": case, "status": MISSING_GT})
-        else:
-            rows.append(_score_case(case, predictions[case], truths[case], chosen or None))
-    if not chosen:  # the dataset does not name its labels: every value found in any case
-        chosen = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r if k.startswith("dice_")}) or [1]
-    for row in rows:
-        if row["status"] == OK:
-            for label in chosen:  # absent from both masks of this case: nothing to measure
-                row.setdefault(f"dice_{label}", math.nan)
-                row.setdefault(f"hd95_mm_{label}", math.nan)
-                row.setdefault(f"pred_ml_{label}", 0.0)
-                row.setdefault(f"true_ml_{label}", 0.0)
-    evaluation = Evaluation(labels=chosen, label_names={k: v for k, v in names.items()}, rows=rows)
-    out = Path(output if output is not None else pred)
-    atomic_write_text(out / "metrics.csv", evaluation.csv_text())
-    atomic_write_text(out / "metrics_summary.json", json.dumps(evaluation.summary(), indent=2))
-    return evaluation
-
-
-def _score_case(case: str, pred_file: str, gt_file: str, labels: Sequence[int] | None) -> dict[str, Any]:
-    """One row: the metrics of ``labels`` (default: every value in either mask but 0), or why it cannot be scored."""
-    try:
-        pred_img, gt_img = _load(pred_file), _load(gt_file)
-        pred_shape, gt_shape = pred_img.shape[:3], gt_img.shape[:3]
-        if pred_shape != gt_shape:
-            return {
-                "case": case,
-                "status": f"shape differs: prediction {pred_shape}, ground truth {gt_shape}",
-            }
-        if not np.allclose(pred_img.affine, gt_img.affine, atol=1e-3):
-            return {
-                "case": case,
-                "status": "geometry differs: the prediction's affine is not the ground truth's (flipped or shifted?)",
-            }
-        p, g = _label_array(pred_img, pred_file), _label_array(gt_img, gt_file)
-    except DataError as err:
-        return {"case": case, "status": str(err)}
-    if labels is None:
-        labels = sorted((set(np.unique(p).tolist()) | set(np.unique(g).tolist())) - {0})
-    row: dict[str, Any] = {"case": case, "status": OK}
-    for label in labels:
-        for metric, value in label_metrics(p, g, gt_img.affine, int(label)).items():
-            row[f"{metric}_{int(label)}"] = value
-    return row
-
-
-def _label_array(image: Any, path: str) -> np.ndarray:
-    """The mask's voxels as integer label values (3D)."""
-    try:
-        data = np.asanyarray(image.dataobj)
-    except Exception as exc:  # a truncated file fails only when its data is read
-        raise DataError(f"{path}: the image data cannot be read ({type(exc).__name__}: {exc})") from None
-    data = data.reshape(data.shape[:3]) if data.ndim > 3 and all(n == 1 for n in data.shape[3:]) else data
-    if data.ndim != 3:
-        raise DataError(f"{path}: a mask must be a 3D label image, this one has shape {data.shape}")
-    if np.issubdtype(data.dtype, np.floating):
-        data = np.rint(data)
-    return data.astype(np.int32, copy=False)
-
-
-def _load(path: str) -> Any:
-    try:
-        return nib.load(path)
-    except Exception as exc:  # nibabel raises several types for damaged or foreign files
-        raise DataError(f"{path}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
-
-
-def _cell(value: Any) -> Any:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return "" if value is None else value
-
-
-def _mean_std(stats: Mapping[str, Any], unit: str = "") -> str:
-    if stats["mean"] is None:
-        return "n/a"
-    return f"{stats['mean']:.4g} ± {stats['std']:.3g}{unit} (n={stats['n']})"
-
-
-def _some(cases: Mapping[str, str]) -> str:
-    names = sorted(cases)
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-
-
-# -- after training ------------------------------------------------------------------------------------------------
-
-
-def evaluate_after_training(trainer: Any, datamodule: Any, output_dir: str | Path) -> dict[str, Any] | None:
-    """Predict the held-out cases with the best checkpoint and score them into ``<output_dir>/test/``.
-
-    Returns the summary (also in ``test/metrics_summary.json``), or None when there is nothing to test.
-    """
-    from seglight.inference import InputCase, Predictor, load_checkpoint, predict_cases
-
-    if not trainer.is_global_zero:
-        return None
-    callback = trainer.checkpoint_callback
-    ckpt = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
-    cases = list(getattr(datamodule, "val_cases", []) or [])
-    if not ckpt or not cases:
-        log.warning("test=true: no checkpoint or no held-out cases, nothing to test")
-        return None
-    folder = Path(output_dir) / "test"
-    log.info("Testing %s on the %d held-out case(s) -> %s", ckpt, len(cases), folder)
-    loaded = load_checkpoint(ckpt)
-    predictor = Predictor(loaded.module, loaded.data)
-    report = predict_cases(
-        predictor, [InputCase(str(c["case_id"]), c[IMAGE]) for c in cases], folder / "predictions"
-    )
-    names = dict(getattr(datamodule, "label_names", None) or {})
-    labels = sorted(int(v) for v in names if int(v) != 0) or None
-    evaluation = evaluate(folder / "predictions", cases, output=folder, labels=labels, label_names=names)
-    log.info("Test on held-out cases (metrics: %s):\n%s", folder / "metrics.csv", evaluation.describe())
-    report.raise_for_failures()
-    return evaluation.summary()
-
-
-# -- command line --------------------------------------------------------------------------------------------------
 
 
 def run(cfg: DictConfig) -> Evaluation:
     """Evaluate as conf/evaluate.yaml describes, print the summary and return it."""
-    for key in ("pred", "gt"):
-        if not cfg.get(key):
-            raise ConfigError(
-                f"{key}= is required, e.g. python -m seglight.evaluate pred=<folder> gt=<folder>"
-            )
-    labels = OmegaConf.to_container(cfg.labels) if cfg.get("labels") is not None else None
+    check_options(cfg)
+    pred = plain(cfg.pred)
+    labels = plain(cfg.get("labels"))
     if labels is not None and not isinstance(labels, list):
         labels = [labels]
-    layout = {
-        key: OmegaConf.to_container(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
-        for key in ("image_key", "image_pattern", "label_pattern")
-        if cfg.get(key) is not None
-    }
+    output = Path(cfg.output or (pred if isinstance(pred, str) else pred[0]))
     evaluation = evaluate(
-        cfg.pred, cfg.gt, output=cfg.output, labels=labels, label_key=cfg.label_key, **layout
+        pred,
+        cfg.gt,
+        output=output,
+        labels=labels,
+        label_key=cfg.label_key,
+        determine_postprocessing=cfg.get("determine_postprocessing", False),
+        # How a datalist or subject folders name their cases, as the data options of the same names in training.
+        **{
+            key: plain(cfg[key])
+            for key in ("image_key", "image_pattern", "label_pattern")
+            if cfg.get(key) is not None
+        },
     )
     print(evaluation.describe(), flush=True)
-    print(f"Per-case metrics: {Path(cfg.output) / 'metrics.csv'}", flush=True)
+    print(f"Per-case metrics: {output / 'metrics.csv'}", flush=True)
+    if evaluation.postprocessing is not None:
+        print(
+            f"Post-processing plan: {output / PLAN_FILE} (seglight.predict ... "
+            f"postprocess.largest_component={output / PLAN_FILE})",
+            flush=True,
+        )
     return evaluation
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Command-line entry point."""
+    setup_console()
     with reported_errors("seglight.evaluate"):
         run(cfg)
 

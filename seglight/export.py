@@ -5,6 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from seglight.console import setup as setup_console
 from seglight.deployment import ExportResult, export_checkpoint
 from seglight.errors import ConfigError, reported_errors
 
@@ -31,6 +32,7 @@ def run(cfg: DictConfig) -> ExportResult:
 @hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     """Command-line entry point."""
+    setup_console()
     with reported_errors("seglight.export"):
         run(cfg)
 

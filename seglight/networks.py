@@ -18,8 +18,8 @@ from seglight.errors import ConfigError
 log = logging.getLogger("seglight")
 
 AUTO = "auto"
-# Keys of a model config that are seglight switches, not arguments of the network class.
-OPTION_KEYS = ("compile", "channels_last", "checkpointing")
+# seglight's memory and speed switches (the config's compute block), none of them a network argument.
+DEFAULT_COMPUTE = {"checkpointing": False, "channels_last": False, "compile": False}
 LAYER_SPEC_KEYS = ("norm", "norm_name", "act", "act_name", "dropout")
 
 
@@ -29,9 +29,9 @@ def class_name(config: Mapping[str, Any]) -> str:
 
 
 def split_options(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(network arguments, seglight switches) of a model config."""
-    net = {k: v for k, v in config.items() if k not in OPTION_KEYS}
-    options = {k: config[k] for k in OPTION_KEYS if k in config}
+    """(network arguments, compute switches) of a model config: older checkpoints kept the switches in it."""
+    net = {k: v for k, v in config.items() if k not in DEFAULT_COMPUTE}
+    options = {k: config[k] for k in DEFAULT_COMPUTE if k in config}
     return net, options
 
 
@@ -72,7 +72,7 @@ def resolve_network_config(
             DynUNet's ``kernel_size``/``strides``/``upsample_kernel_size`` and UNETR's ``img_size``).
         in_channels: channels of the images.
         label_names: label value -> name, background (0) included; empty when the dataset does not say.
-        input_size: the spatial size the network sees (resize: ``data.spatial_size``; patch: ``data.patch_size``).
+        input_size: the spatial size the network sees (resize: ``data.spatial_size``; patch: ``data.patch.size``).
         size_option: the option that sets ``input_size``, for messages.
         spacing: voxel spacing (mm) at that size, for DynUNet's kernels and strides.
     """
@@ -254,7 +254,7 @@ def network_arguments(
 
 
 def apply_options(net: nn.Module, config: Mapping[str, Any], options: Mapping[str, Any]) -> nn.Module:
-    """Activation checkpointing, channels_last_3d and torch.compile, each switched on by the model config.
+    """Activation checkpointing, channels_last_3d and torch.compile, each switched on in ``options`` (compute).
 
     Everything is done in place, so the state dict (and checkpoints) look the same with or without them.
     """
@@ -262,8 +262,8 @@ def apply_options(net: nn.Module, config: Mapping[str, Any], options: Mapping[st
         wrapped = enable_activation_checkpointing(net)
         if wrapped == 0:
             raise ConfigError(
-                f"model.checkpointing=true: {class_name(config)} has no MONAI blocks to checkpoint; "
-                "set model.checkpointing=false"
+                f"compute.checkpointing=true: {class_name(config)} has no MONAI blocks to checkpoint; "
+                "set compute.checkpointing=false"
             )
     if options.get("channels_last"):
         net.to(memory_format=torch.channels_last_3d)
@@ -306,3 +306,8 @@ def _checkpoint_forward(module: nn.Module) -> None:
         return forward(*args, **kwargs)
 
     module.forward = checkpointed
+
+
+def normalises_over_batch(net: nn.Module) -> bool:
+    """Whether ``net`` has batch normalisation, whose training statistics need more than one value per channel."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())

@@ -1,51 +1,61 @@
-"""Segment scans with a trained model: ``python -m seglight.predict ckpt=<file> input=<...> output=<folder>``."""
+"""Segment scans with a trained model or an ensemble: ``python -m seglight.predict ckpt=<...> input=<...> output=<folder>``."""
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from pathlib import Path
 
-from seglight.errors import ConfigError, reported_errors
+import hydra
+from omegaconf import DictConfig
+
+from seglight.checkpointing import model_checkpoints
+from seglight.console import setup as setup_console
+from seglight.data.remote import is_remote
+from seglight.errors import ConfigError, DataError, reported_errors
 from seglight.inference import PredictionReport, predict
+from seglight.utils import plain
+
+_EXAMPLE = "python -m seglight.predict ckpt=<run>/checkpoints/last.ckpt input=<scan.nii.gz or folder> output=<folder>"
+
+
+def check_options(cfg: DictConfig) -> None:
+    """What must hold before anything is written: ``ckpt=`` and ``input=`` given, the checkpoints found, a local
+    input present."""
+    for key in ("ckpt", "input"):
+        if cfg.get(key) in (None, "", []):
+            raise ConfigError(f"{key}= is required, e.g. {_EXAMPLE}")
+    model_checkpoints(plain(cfg.ckpt))
+    source = str(cfg.input)
+    if not is_remote(source) and not Path(source).expanduser().exists():
+        raise DataError(f"input={source}: no such file or folder")
 
 
 def run(cfg: DictConfig) -> PredictionReport:
     """Predict every input of ``cfg`` (see conf/predict.yaml); raises DataError naming any input that failed."""
-    for key in ("ckpt", "input"):
-        if not cfg.get(key):
-            raise ConfigError(f"{key}= is required, e.g. {_EXAMPLE}")
-    roi = OmegaConf.to_container(cfg.roi) if cfg.get("roi") is not None else None
+    check_options(cfg)
     report = predict(
-        ckpt=cfg.ckpt,
+        ckpt=plain(cfg.ckpt),
         input=cfg.input,
         output=cfg.output,
-        roi=roi,
-        overlap=cfg.overlap,
-        sw_batch_size=cfg.sw_batch_size,
+        inference=plain(cfg.get("inference")),
         tta=cfg.tta,
         save_probabilities=cfg.save_probabilities,
         device=cfg.device,
         amp=cfg.amp,
+        largest_component=plain(cfg.postprocess.largest_component),
         datalist_key=cfg.get("datalist_key"),
         cache_dir=cfg.paths.cache_dir,
         endpoint_url=cfg.get("endpoint_url"),
-        image_pattern=_plain(cfg.get("image_pattern")),
+        image_pattern=plain(cfg.get("image_pattern")),
     )
     print(f"Wrote {len(report.written)} mask(s) to {report.output}", flush=True)
     report.raise_for_failures()
     return report
 
 
-def _plain(value: object) -> object:
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-
-_EXAMPLE = "python -m seglight.predict ckpt=<run>/checkpoints/last.ckpt input=<scan.nii.gz or folder> output=<folder>"
-
-
 @hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Command-line entry point."""
+    setup_console()
     with reported_errors("seglight.predict"):
         run(cfg)
 

@@ -17,8 +17,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
+from seglight.checkpointing import safe_load
+from seglight.errors import SeglightError
+from seglight.io import atomic_write_text
 from seglight.module import SegModule
-from seglight.utils import atomic_write_text
 
 log = logging.getLogger("seglight")
 
@@ -37,9 +39,12 @@ def write_summary(
     status: str = "completed",
     wall_time_s: float | None = None,
 ) -> dict[str, Any]:
-    """Print and save (``summary.json``) the best Dice, its epoch and checkpoint, and how to open TensorBoard."""
+    """Print and save (``summary.json``) the best Dice, its epoch and checkpoint, the time validation took, and
+    how to open TensorBoard."""
     output_dir = Path(output_dir)
     ckpt = trainer.checkpoint_callback
+    module = trainer.lightning_module
+    validation_s = getattr(module, "validation_time_s", None)
     best_score = getattr(ckpt, "best_model_score", None)
     best_checkpoint = getattr(ckpt, "best_model_path", "") or None
     summary = {
@@ -52,6 +57,9 @@ def write_summary(
         "global_step": trainer.global_step,
         "interrupted": trainer.interrupted,
         "wall_time_s": round(wall_time_s, 1) if wall_time_s is not None else None,
+        # This session's validations (the sanity check excluded): their count and total wall time.
+        "validations": getattr(module, "validations", None),
+        "validation_time_s": round(validation_s, 1) if validation_s is not None else None,
         "output_dir": str(output_dir),
     }
     if trainer.is_global_zero:
@@ -62,9 +70,10 @@ def write_summary(
             else "n/a (no validation ran)"
         )
         log.info(
-            "%s. Best Dice/val %s | best checkpoint: %s | last: %s | see the curves: tensorboard --logdir %s",
+            "%s. Best Dice/val %s | %s | best checkpoint: %s | last: %s | see the curves: tensorboard --logdir %s",
             "Done" if status == "completed" else status.capitalize(),
             dice,
+            validation_share(validation_s, wall_time_s),
             summary["best_checkpoint"],
             summary["last_checkpoint"],
             output_dir,
@@ -72,20 +81,13 @@ def write_summary(
     return summary
 
 
-def write_failure_summary(
-    output_dir: str | Path, error: str, wall_time_s: float | None = None
-) -> dict[str, Any]:
-    """Save a ``summary.json`` that records a failed run and why (used by sweeps, which go on after it)."""
-    summary = {
-        "status": "failed",
-        "error": error,
-        "best_dice": None,
-        "best_epoch": None,
-        "wall_time_s": round(wall_time_s, 1) if wall_time_s is not None else None,
-        "output_dir": str(output_dir),
-    }
-    atomic_write_text(Path(output_dir) / "summary.json", json.dumps(summary, indent=2))
-    return summary
+def validation_share(validation_s: float | None, wall_time_s: float | None) -> str:
+    """``validation 12.3 s of 95.0 s (13%)``: how much of the run validation took."""
+    if validation_s is None:
+        return "validation time unknown"
+    if not wall_time_s:
+        return f"validation {validation_s:.1f} s"
+    return f"validation {validation_s:.1f} s of {wall_time_s:.1f} s ({100 * validation_s / wall_time_s:.0f}%)"
 
 
 def checkpoint_epoch(path: str | Path | None) -> int | None:
@@ -93,8 +95,8 @@ def checkpoint_epoch(path: str | Path | None) -> int | None:
     if not path or not Path(path).is_file():
         return None
     try:
-        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["epoch"])
-    except Exception:
+        return int(safe_load(path, mmap=True)["epoch"])
+    except (SeglightError, KeyError, TypeError, ValueError):
         return None
 
 

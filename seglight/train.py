@@ -11,12 +11,16 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from seglight import console
 from seglight.builder import build
+from seglight.callbacks import signal_handlers_kept
 from seglight.checkpointing import checkpoint_dir, resolve_checkpoint
+from seglight.distributed import join_run, resume_requested, stop_unless_launchable
 from seglight.errors import reported_errors
-from seglight.evaluate import evaluate_after_training
+from seglight.evaluation import evaluate_after_training
 from seglight.report import describe_model, write_run_info, write_summary
-from seglight.sweep import run_job
+from seglight.sweep import is_multirun, run_job
+from seglight.tracking import finish_trackers
 
 log = logging.getLogger("seglight")
 
@@ -24,30 +28,42 @@ log = logging.getLogger("seglight")
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the configured model on the configured data; returns the run summary (best Dice, checkpoints)."""
     started = time.monotonic()
+    join_run()  # one of several processes: find the others, and leave the reporting to rank 0
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build(cfg)
+    stop_unless_launchable(trainer, is_multirun())
     ckpt_path = resolve_checkpoint(
-        cfg.get("ckpt_path"), cfg.get("resume", False), checkpoint_dir(trainer), module
+        cfg.get("ckpt_path"),
+        resume_requested(cfg.get("resume", False), cfg.get("ckpt_path")),
+        checkpoint_dir(trainer),
+        module,
+        run_dir=trainer.default_root_dir,
+        clean_up=trainer.is_global_zero,
     )
+    if ckpt_path:
+        console.resuming()
     if trainer.is_global_zero:
         write_run_info(cfg, cfg.paths.output_dir, resumed_from=ckpt_path)
     log.info(describe_model(module))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with signal_handlers_kept():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         # SIGTERM or Ctrl-C: seglight.callbacks.Preemption saved last.ckpt and set the exit status (143/130).
         write_summary(trainer, cfg.paths.output_dir, "interrupted", time.monotonic() - started)
         raise
     # Steps after fitting (e.g. evaluation on a test split) belong here, before the summary that reports them.
-    if cfg.get("test"):
-        # Predict the held-out cases with the best checkpoint and score them into <run>/test/.
+    if cfg.get("test") and trainer.is_global_zero:
+        # Predict the held-out cases with the best checkpoint and score them into <run>/test/ (rank 0 alone).
         evaluate_after_training(trainer, datamodule, cfg.paths.output_dir)
+    finish_trackers(trainer)
     return write_summary(trainer, cfg.paths.output_dir, "completed", time.monotonic() - started)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Command-line entry point; returns the best Dice/val, the objective of sweepers such as Optuna."""
+    console.setup()
     with reported_errors("seglight.train"):
         return run_job(train, cfg).get("best_dice")
 

@@ -1,398 +1,45 @@
-"""Pictures: the lab's three panels (input, ground truth, prediction) and the training progress plot.
-
-Drawn with matplotlib's object API on the Agg canvas (no display, no pyplot state), so the same code works in
-training jobs, tests and notebooks. ``python -m seglight.viz image=<scan> [label=<mask>] [pred=<mask>]
-out=<png>`` draws the panels for NIfTI files in their own geometry.
-"""
+"""Draw a scan with its masks: ``python -m seglight.viz image=<scan> [label=<mask>] [pred=<mask>] [out=<png>]``."""
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-import lightning as L
-import nibabel as nib
-import numpy as np
-import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+import hydra
+from omegaconf import DictConfig
 
-from seglight.errors import ConfigError, DataError, reported_errors
+from seglight.console import setup as setup_console
+from seglight.errors import ConfigError, reported_errors
+from seglight.io import nifti_stem
+from seglight.pictures import nifti_figure, save_figure
 
-log = logging.getLogger("seglight")
-
-# In RAS-ordered arrays (x: left->right, y: posterior->anterior, z: inferior->superior), the axis each view
-# fixes, and the two axes it shows (horizontal, vertical).
-VIEWS: dict[str, tuple[int, int, int]] = {"axial": (2, 0, 1), "coronal": (1, 0, 2), "sagittal": (0, 1, 2)}
-SLICE_CHOICES = ("max", "middle")
-COLUMNS = ("input", "ground truth", "prediction")
-LABEL_COLOURS = ["#2ca02c", "#d62728", "#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+_EXAMPLE = "python -m seglight.viz image=<scan> label=<mask> pred=<mask> out=<png>"
 
 
-# -- the three panels ----------------------------------------------------------------------------------------------
+def check_options(cfg: DictConfig) -> None:
+    """``image=`` is given."""
+    if not cfg.get("image"):
+        raise ConfigError(f"image= is required: {_EXAMPLE}")
 
 
-def choose_slices(
-    shape: Sequence[int], masks: Sequence[np.ndarray | None], how: str = "max"
-) -> dict[str, int]:
-    """Slice index per view: the middle one, or the one with the most foreground (ground truth first).
-
-    ``max`` falls back to the prediction when the ground truth is empty, and to the middle when both are.
-    """
-    if how not in SLICE_CHOICES:
-        raise ConfigError(f"slice={how!r}: choose one of {', '.join(SLICE_CHOICES)}")
-    chosen = {view: int(shape[axis]) // 2 for view, (axis, _, _) in VIEWS.items()}
-    if how == "middle":
-        return chosen
-    for mask in masks:
-        if mask is None or not np.any(mask):
-            continue
-        for view, (axis, _, _) in VIEWS.items():
-            other = tuple(a for a in range(3) if a != axis)
-            chosen[view] = int(np.argmax(np.count_nonzero(mask, axis=other)))
-        break
-    return chosen
-
-
-def three_panel_figure(
-    image: Any,
-    label: Any = None,
-    pred: Any = None,
-    spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    slice: str = "max",  # noqa: A002 - the option's name
-    title: str | None = None,
-) -> Figure:
-    """Input, ground truth over the input, prediction over the input; one row per view (axial, coronal, sagittal).
-
-    ``image``, ``label`` and ``pred`` are 3D arrays (numpy or torch) on the same grid, in RAS order as the
-    training pipeline makes them; label maps may hold several values, each drawn in its own colour.
-    """
-    volume = _array(image).astype(np.float32)
-    if volume.ndim != 3:
-        raise DataError(f"the picture needs a 3D image, got shape {volume.shape}")
-    masks = [None if m is None else _array(m).astype(np.int32) for m in (label, pred)]
-    for name, mask in zip(("label", "prediction"), masks, strict=True):
-        if mask is not None and mask.shape != volume.shape:
-            raise DataError(
-                f"the {name} has shape {mask.shape} but the image {volume.shape}: not the same grid"
-            )
-    slices = choose_slices(volume.shape, masks, slice)
-    low, high = np.percentile(volume, [0.5, 99.5]) if volume.size else (0.0, 1.0)
-    top = max([int(m.max()) for m in masks if m is not None and m.size] + [1])
-    colours = ListedColormap([LABEL_COLOURS[i % len(LABEL_COLOURS)] for i in range(top)])
-
-    fig = Figure(figsize=(9.0, 9.0), dpi=80, layout="constrained")
-    axes = fig.subplots(len(VIEWS), len(COLUMNS), squeeze=False)
-    for row, (view, (axis, across, up)) in enumerate(VIEWS.items()):
-        index = slices[view]
-        aspect = float(spacing[up]) / float(spacing[across])
-        for col, name in enumerate(COLUMNS):
-            ax = axes[row][col]
-            ax.imshow(
-                _plane(volume, axis, index), cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspect
-            )
-            mask = masks[col - 1] if col > 0 else None
-            if mask is not None:
-                plane = _plane(mask, axis, index)
-                ax.imshow(
-                    np.ma.masked_equal(plane, 0),
-                    cmap=colours,
-                    vmin=0.5,
-                    vmax=top + 0.5,
-                    alpha=0.5,
-                    origin="lower",
-                    aspect=aspect,
-                    interpolation="nearest",
-                )
-            elif col > 0:
-                ax.text(0.5, 0.5, f"no {name}", ha="center", va="center", color="w", transform=ax.transAxes)
-            if across == 0:  # radiological convention: the patient's right on the viewer's left
-                ax.invert_xaxis()
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(name)
-            if col == 0:
-                ax.set_ylabel(f"{view} {index}")
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-def nifti_figure(
-    image: Any,
-    label: Any = None,
-    pred: Any = None,
-    slice: str = "max",
-    title: str | None = None,  # noqa: A002
-) -> Figure:
-    """The three panels for NIfTI files (or nibabel images), reordered to RAS without resampling."""
-    images = [None if x is None else _canonical(x) for x in (image, label, pred)]
-    reference = images[0]
-    assert reference is not None
-    for name, other in zip(("label", "pred"), images[1:], strict=True):
-        if other is not None and (
-            other.shape[:3] != reference.shape[:3]
-            or not np.allclose(other.affine, reference.affine, atol=1e-3)
-        ):
-            raise DataError(
-                f"{name}: not on the image's voxel grid (shape or affine differs), cannot overlay"
-            )
-    arrays = [
-        None if x is None else np.asanyarray(x.dataobj)[..., 0] if x.ndim == 4 else np.asanyarray(x.dataobj)
-        for x in images
-    ]
-    spacing = np.linalg.norm(reference.affine[:3, :3], axis=0)
-    return three_panel_figure(arrays[0], arrays[1], arrays[2], spacing=spacing, slice=slice, title=title)
-
-
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG through a temporary file and a rename (readers never see half a picture)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial.png")
-    try:
-        FigureCanvasAgg(fig).print_png(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def run(cfg: DictConfig) -> Path:
+    """Draw the three panels that ``cfg`` (conf/viz.yaml) names into a PNG; returns its path."""
+    check_options(cfg)
+    image = str(cfg.image)
+    out = Path(cfg.get("out") or f"{nifti_stem(image)}_overlay.png")
+    fig = nifti_figure(
+        image, cfg.get("label"), cfg.get("pred"), slice=cfg.slice, title=cfg.get("title") or Path(image).name
+    )
+    path = save_figure(fig, out)
+    print(f"Wrote {path}", flush=True)
     return path
 
 
-def figure_to_rgb(fig: Figure) -> np.ndarray:
-    """The rendered figure as an ``(H, W, 3)`` uint8 array (for TensorBoard)."""
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def _plane(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    # Transposed so the first remaining axis runs horizontally and the second upwards (with origin="lower").
-    return np.take(volume, index, axis=axis).T
-
-
-def _array(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().float().cpu().numpy()
-    return np.asarray(value)
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, str | Path):
-        try:
-            value = nib.load(str(value))
-        except Exception as exc:  # nibabel raises several types for damaged or foreign files
-            raise DataError(f"{value}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
-    return nib.as_closest_canonical(value)
-
-
-# -- during training: a picture in TensorBoard, and progress.png at the end ----------------------------------------
-
-
-class ValidationPicture(L.Callback):
-    """Logs the three panels of one fixed validation case to TensorBoard every ``every_n_val_epochs`` validations.
-
-    Args:
-        every_n_val_epochs: draw at the 1st validation and then every N-th one.
-        case_index: which validation case (validation batches hold one case each).
-        slice: ``max`` (the slice with the most ground-truth foreground) or ``middle``.
-        tag: the TensorBoard image tag.
-    """
-
-    def __init__(
-        self,
-        every_n_val_epochs: int = 5,
-        case_index: int = 0,
-        slice: str = "max",
-        tag: str = "Validation/overlay",  # noqa: A002
-    ) -> None:
-        if int(every_n_val_epochs) < 1:
-            raise ConfigError(
-                f"callbacks.validation_picture.every_n_val_epochs must be >= 1, got {every_n_val_epochs}"
-            )
-        if slice not in SLICE_CHOICES:
-            raise ConfigError(f"callbacks.validation_picture.slice must be one of {', '.join(SLICE_CHOICES)}")
-        self.every = int(every_n_val_epochs)
-        self.case_index = int(case_index)
-        self.slice = slice
-        self.tag = tag
-
-    def _due(self, trainer: L.Trainer) -> bool:
-        # Counted from the epoch, so a resumed run keeps the same rhythm.
-        interval = trainer.check_val_every_n_epoch or 1
-        return (trainer.current_epoch // interval) % self.every == 0
-
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or batch_idx != self.case_index:
-            return
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers or not self._due(trainer):
-            return
-        image = batch["image"][:1]
-        pred = predicted_labels(pl_module, image)
-        label = batch.get("label")
-        label = None if label is None else (label[0, 0] if label.shape[1] == 1 else label[0].argmax(0))
-        spacing = _spacing(image)
-        fig = three_panel_figure(
-            image[0, 0],
-            label,
-            pred,
-            spacing=spacing,
-            slice=self.slice,
-            title=f"epoch {trainer.current_epoch}",
-        )
-        picture = figure_to_rgb(fig)
-        for logger in loggers:
-            logger.experiment.add_image(
-                self.tag, picture, global_step=trainer.current_epoch, dataformats="HWC"
-            )
-
-
-@torch.no_grad()
-def predicted_labels(module: L.LightningModule, image: torch.Tensor) -> torch.Tensor:
-    """The module's label map for one preprocessed image ``(1, C, ...)``, segmented as validation does."""
-    from seglight.inference import activate
-
-    infer = getattr(module, "infer", None)  # whole volume, or sliding windows in patch mode
-    logits = infer(image) if callable(infer) else module(image)
-    probs = activate(torch.as_tensor(logits).float())[0]
-    if probs.shape[0] == 1:
-        return (probs[0] > float(getattr(module.hparams, "threshold", 0.5))).to(torch.uint8)
-    return probs.argmax(0).to(torch.uint8)
-
-
-def _spacing(image: torch.Tensor) -> list[float]:
-    affine = getattr(image, "affine", None)
-    if affine is None:
-        return [1.0, 1.0, 1.0]
-    a = torch.as_tensor(affine).detach().cpu().double()
-    a = a[0] if a.ndim == 3 else a
-    return torch.linalg.norm(a[:3, :3], dim=0).tolist()
-
-
-class ProgressPlot(L.Callback):
-    """Writes ``progress.png`` (training loss, Dice/val, learning rate per epoch) into the run folder at the end.
-
-    The history travels in checkpoints, so a resumed run plots all its epochs.
-
-    Args:
-        dirpath: folder for the picture (default: the trainer's ``default_root_dir``).
-        filename: the picture's name.
-    """
-
-    SERIES = ("Loss/train", "Loss/val", "Dice/val", "lr")
-
-    def __init__(self, dirpath: str | None = None, filename: str = "progress.png") -> None:
-        self.dirpath = dirpath
-        self.filename = filename
-        self.history: dict[str, dict[int, float]] = {name: {} for name in self.SERIES}
-
-    def _record(self, name: str, epoch: int, value: Any) -> None:
-        if value is not None:
-            self.history[name][int(epoch)] = float(value)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.optimizers:  # the rate this epoch trains with
-            self._record("lr", trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"])
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record("Loss/train", trainer.current_epoch, trainer.callback_metrics.get("Loss/train"))
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        for name in ("Dice/val", "Loss/val"):
-            self._record(name, trainer.current_epoch, trainer.callback_metrics.get(name))
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            path = Path(self.dirpath or trainer.default_root_dir) / self.filename
-            save_figure(progress_figure(self.history), path)
-            log.info("Training progress: %s", path)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": {name: dict(values) for name, values in self.history.items()}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for name, values in state_dict.get("history", {}).items():
-            self.history.setdefault(name, {}).update({int(k): float(v) for k, v in values.items()})
-
-
-def progress_figure(history: Mapping[str, Mapping[int, float]]) -> Figure:
-    """Three plots over epochs: loss (training, and validation when logged), Dice/val, learning rate."""
-    fig = Figure(figsize=(12.0, 3.6), dpi=80, layout="constrained")
-    loss_ax, dice_ax, lr_ax = fig.subplots(1, 3)
-    for ax, names, title in (
-        (loss_ax, ("Loss/train", "Loss/val"), "loss"),
-        (dice_ax, ("Dice/val",), "Dice/val"),
-        (lr_ax, ("lr",), "learning rate"),
-    ):
-        for name in names:
-            points = sorted(history.get(name, {}).items())
-            if points:
-                epochs, values = zip(*points, strict=True)
-                ax.plot(epochs, values, marker="o", markersize=3, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    if any(history.get("Loss/val")):
-        loss_ax.legend()
-    dice_ax.set_ylim(0.0, 1.0)
-    rates = list(history.get("lr", {}).values())
-    if rates and min(rates) > 0 and max(rates) / min(rates) > 10:
-        lr_ax.set_yscale("log")
-    if not any(history.get(name) for name in ProgressPlot.SERIES):
-        fig.suptitle("no epochs recorded")
-    return fig
-
-
-# -- command line --------------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m seglight.viz image=<scan> [label=<mask>] [pred=<mask>] [out=<png>] [slice=max|middle]``."""
+@hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="viz")
+def main(cfg: DictConfig) -> None:
+    """Command-line entry point."""
+    setup_console()
     with reported_errors("seglight.viz"):
-        options = _parse(sys.argv[1:] if argv is None else argv)
-        out = Path(options.get("out") or Path(options["image"]).name.split(".")[0] + "_overlay.png")
-        fig = nifti_figure(
-            options["image"],
-            options.get("label"),
-            options.get("pred"),
-            slice=options.get("slice", "max"),
-            title=options.get("title") or Path(options["image"]).name,
-        )
-        print(f"Wrote {save_figure(fig, out)}", flush=True)
-
-
-def _parse(argv: Sequence[str]) -> dict[str, str]:
-    known = ("image", "label", "pred", "out", "slice", "title")
-    options: dict[str, str] = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in known:
-            raise ConfigError(f"{arg!r}: expected key=value with key one of {', '.join(known)}")
-        options[key] = value
-    if not options.get("image"):
-        raise ConfigError(
-            "image= is required: python -m seglight.viz image=<scan> label=<mask> pred=<mask> out=<png>"
-        )
-    return options
+        run(cfg)
 
 
 if __name__ == "__main__":

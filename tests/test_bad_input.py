@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_msd_dataset, run_cli, train_on
+from tests.helpers import make_msd_dataset, run_cli, train_on
 
 pytestmark = pytest.mark.slow
 

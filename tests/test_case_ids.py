@@ -11,7 +11,7 @@ from seglight import SegDataModule
 from seglight.data.datalists import resolve_datalist
 from seglight.data.inputs import list_inputs
 from seglight.errors import ConfigError, DataError
-from tests.conftest import make_subject_folders
+from tests.helpers import make_subject_folders
 
 
 def ids_of(paths: list, **fields) -> list[str]:

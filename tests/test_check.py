@@ -12,7 +12,7 @@ import pytest
 
 from seglight import SegDataModule
 from seglight.errors import DataError
-from tests.conftest import make_msd_dataset, run_cli, train_on, write_nifti
+from tests.helpers import make_msd_dataset, run_cli, run_script, train_on, write_nifti
 
 
 def datamodule(root: Path, tmp_path: Path, **kwargs) -> SegDataModule:
@@ -204,14 +204,17 @@ def test_error_mode_reports_every_case_that_fails_to_preprocess(tmp_path: Path) 
         datamodule(root, tmp_path, cache="disk", val_fraction=0.25).setup("fit")
     message = str(err.value)
     assert "2 cases cannot be used" in message and str(first) in message and str(second) in message
-    assert not [p for p in (tmp_path / "preprocessed").rglob("*") if p.name.startswith(".")], "no temp files"
+    leftovers = [
+        p for p in (tmp_path / "preprocessed").rglob("*") if p.name.startswith(".") and p.name != ".leases"
+    ]
+    assert not leftovers, "no temp files"
 
 
 @pytest.mark.slow
 def test_check_cli_exit_status_and_output(tmp_path: Path, cache_dir: Path) -> None:
     good = make_msd_dataset(tmp_path / "good", num_cases=3)
-    result = run_cli(
-        "seglight.check", "data=msd", f"data.root={good}", f"hydra.run.dir={tmp_path / 'c1'}", cache=cache_dir
+    result = run_script(
+        "seglight-check", "data=msd", f"data.root={good}", f"hydra.run.dir={tmp_path / 'c1'}", cache=cache_dir
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "shape (voxels)" in result.stdout and "OK: 3 cases passed" in result.stdout

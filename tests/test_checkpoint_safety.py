@@ -24,7 +24,7 @@ from seglight.checkpointing import (
 )
 from seglight.errors import ConfigError
 from seglight.train import train
-from tests.conftest import REPO, tiny_config
+from tests.helpers import REPO, tiny_config
 
 # Saves ever newer versions of a 32 MB checkpoint to one path, as training does with last.ckpt.
 WRITER = """
@@ -94,11 +94,13 @@ def test_truncated_and_foreign_checkpoints_get_one_clear_message(finished_run: P
 
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    expect_config_error("truncated.ckpt", "not a readable checkpoint", ckpt_path=str(truncated), **common)
+    expect_config_error(
+        "truncated.ckpt", "not a readable PyTorch checkpoint", ckpt_path=str(truncated), **common
+    )
 
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint at all")
-    expect_config_error("notes.ckpt", "not a readable checkpoint", ckpt_path=str(text), **common)
+    expect_config_error("notes.ckpt", "not a readable PyTorch checkpoint", ckpt_path=str(text), **common)
 
     plain = tmp_path / "weights.pth"
     torch.save(module.state_dict(), plain)  # a bare state dict, as other frameworks save

@@ -14,7 +14,7 @@ from seglight import SegDataModule
 from seglight.data.datalists import read_msd_datalist
 from seglight.data.demo import demo_root, ensure_demo_dataset
 from seglight.errors import ConfigError, DataError
-from tests.conftest import make_msd_dataset
+from tests.helpers import make_msd_dataset
 
 
 def test_demo_dataset_is_real_ct_like_nifti_and_reused(tmp_path: Path) -> None:
@@ -157,7 +157,7 @@ def test_num_workers_clamped_to_available_cpus(tmp_path: Path) -> None:
         ({"spatial_size": [16, 16]}, "spatial_size"),
         ({"val_fraction": 1.5}, "val_fraction"),
         ({"a_min": 10.0, "a_max": 0.0}, "a_max"),
-        ({"cache": "gpu"}, "data.cache"),
+        ({"cache": "ram"}, "data.cache"),
     ],
 )
 def test_bad_options_are_config_errors(tmp_path: Path, kwargs: dict, message: str) -> None:

@@ -14,8 +14,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from seglight import compose
 from seglight.errors import DataError
-from seglight.evaluate import evaluate, run
-from tests.conftest import run_cli, tiny_overrides
+from seglight.evaluate import run
+from seglight.evaluation import evaluate
+from tests.helpers import run_script, tiny_overrides
 
 SPACING = (1.0, 1.0, 2.0)  # a voxel is 2 mm^3 = 0.002 ml
 SHAPE = (8, 8, 8)
@@ -143,7 +144,7 @@ def test_mismatched_or_missing_inputs_are_reported(folders: tuple[Path, Path], t
 @pytest.mark.slow
 def test_train_with_test_true_predicts_and_scores_the_held_out_cases(tmp_path: Path, cache_dir: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli("seglight.train", *tiny_overrides(run_dir), "test=true", cache=cache_dir)
+    result = run_script("seglight-train", *tiny_overrides(run_dir), "test=true", cache=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     held_out = json.loads((run_dir / "split.json").read_text())["val"]
     rows = list(csv.DictReader((run_dir / "test" / "metrics.csv").open()))

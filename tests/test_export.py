@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_module
 from seglight.deployment import METADATA_NAME, export_checkpoint, load_trained
 from seglight.errors import reported_errors
 from seglight.export import run
-from tests.conftest import tiny_overrides, train_in_process
+from tests.helpers import tiny_overrides, train_in_process
 
 SIZE = [16, 16, 8]  # SegResNet's deepest feature map is 2x2x1 voxels at this size
 

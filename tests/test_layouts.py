@@ -13,7 +13,7 @@ import torch
 from seglight import SegDataModule, compose
 from seglight.builder import build_module
 from seglight.errors import ConfigError, DataError
-from tests.conftest import make_msd_dataset, write_nifti
+from tests.helpers import make_msd_dataset, write_nifti
 
 SHAPE = (20, 20, 12)
 

@@ -16,8 +16,9 @@ from torch import nn
 from seglight import SegModule
 from seglight.data.demo import demo_affine
 from seglight.data.transforms import deterministic_transforms
-from seglight.metrics import HD95Metric, image_spacing, per_class_means, spacing_from_affine
-from tests.conftest import write_nifti
+from seglight.io import spacing_from_affine
+from seglight.metrics import HD95Metric, image_spacing, per_class_means
+from tests.helpers import write_nifti
 
 SHAPE = (16, 16, 12)
 SPACING = (0.8, 0.8, 2.5)  # mm, anisotropic like the demo CT
@@ -187,4 +188,4 @@ def test_spacing_follows_the_transforms(tmp_path: Path) -> None:
     # A rotated affine still gives the voxel edge lengths.
     c, s = math.cos(0.3), math.sin(0.3)
     rotated = torch.tensor([[c * 2, -s * 3, 0, 0], [s * 2, c * 3, 0, 0], [0, 0, 4, 0], [0, 0, 0, 1]])
-    assert spacing_from_affine(rotated)[0].tolist() == pytest.approx([2.0, 3.0, 4.0])
+    assert spacing_from_affine(rotated).tolist() == pytest.approx([2.0, 3.0, 4.0])

@@ -15,7 +15,7 @@ from seglight import SegModule, compose
 from seglight.builder import build_module
 from seglight.errors import ConfigError
 from seglight.networks import dynunet_kernels_strides, enable_activation_checkpointing
-from tests.conftest import train_in_process
+from tests.helpers import train_in_process
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Small versions of each network and the smallest size it accepts, so a CPU step takes about a second.
@@ -78,7 +78,7 @@ def test_model_builds_from_the_data_and_trains_a_step(
     with_grad = [p for p in params if p.grad is not None and bool(p.grad.abs().sum() > 0)]
     # (UNETR's ViT keeps a classification head that segmentation never uses.)
     assert sum(p.numel() for p in with_grad) > 0.9 * sum(p.numel() for p in params)
-    assert module.labels_from_logits(logits).max() <= num_labels
+    assert module.labels(module.probabilities(logits)).max() <= num_labels
 
 
 def test_any_monai_network_by_target(tmp_path: Path, cache_dir: Path) -> None:
@@ -121,8 +121,8 @@ def test_dynunet_config_is_planned_from_patch_size_and_target_spacing(
             "model=dynunet",
             "model.filters=null",
             "data.mode=patch",
-            "data.patch_size=[64,64,16]",
-            "data.target_spacing=[0.8,0.8,2.5]",
+            "data.patch.size=[64,64,16]",
+            "data.patch.target_spacing=[0.8,0.8,2.5]",
             *demo_overrides(),
         ],
         output_dir=tmp_path,
@@ -140,8 +140,8 @@ def test_dynunet_config_is_planned_from_patch_size_and_target_spacing(
             ["data.spatial_size=[100, 100, 50] does not suit SwinUNETR", "multiple of 32", "[96, 96, 64]"],
         ),
         (
-            ["model=swinunetr", "data.mode=patch", "data.patch_size=[100,100,50]"],
-            ["data.patch_size=[100, 100, 50] does not suit SwinUNETR", "data.patch_size=[96, 96, 64]"],
+            ["model=swinunetr", "data.mode=patch", "data.patch.size=[100,100,50]"],
+            ["data.patch.size=[100, 100, 50] does not suit SwinUNETR", "data.patch.size=[96, 96, 64]"],
         ),
         (["model=swinunetr", "data.spatial_size=[32,32,32]"], ["too small for SwinUNETR"]),
         (["model=unetr", "data.spatial_size=[40,40,40]"], ["UNETR", "multiple of 16", "[48, 48, 48]"]),
@@ -239,7 +239,7 @@ def test_activation_checkpointing_keeps_less_and_computes_the_same(net: dict) ->
     net = {**net, "spatial_dims": 3, "in_channels": 1, "out_channels": 1}
     torch.manual_seed(0)
     plain = SegModule(net=net)
-    checkpointed = SegModule(net={**net, "checkpointing": True})
+    checkpointed = SegModule(net=net, compute={"checkpointing": True})
     checkpointed.net.load_state_dict(plain.net.state_dict())  # same parameter names with the switch on
     assert plain.net.state_dict().keys() == checkpointed.net.state_dict().keys()
     image = torch.rand(2, 1, 16, 16, 16)
@@ -264,8 +264,8 @@ def test_swinunetr_checkpointing_uses_its_own_switch() -> None:
             "out_channels": 1,
             "feature_size": 12,
             "depths": [1, 1, 1, 1],
-            "checkpointing": True,
-        }
+        },
+        compute={"checkpointing": True},
     )
     assert module.net.swinViT.layers1[0].blocks[0].use_checkpoint is True
 
@@ -277,7 +277,7 @@ def test_channels_last_and_compile_switches() -> None:
         "out_channels": 1,
         "init_filters": 8,
     }
-    module = SegModule(net={**net, "channels_last": True, "compile": True})
+    module = SegModule(net=net, compute={"channels_last": True, "compile": True})
     assert (
         module.net._compiled_call_impl is not None
     )  # compiled on first call (not run here: needs a compiler)
@@ -294,15 +294,12 @@ def test_channels_last_and_compile_switches() -> None:
 
 
 def test_checkpointing_a_network_without_monai_blocks_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="no MONAI blocks to checkpoint"):
+    with pytest.raises(
+        ConfigError, match="compute.checkpointing=true: Conv3d has no MONAI blocks to checkpoint"
+    ):
         SegModule(
-            net={
-                "_target_": "torch.nn.Conv3d",
-                "in_channels": 1,
-                "out_channels": 1,
-                "kernel_size": 1,
-                "checkpointing": True,
-            }
+            net={"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 1, "kernel_size": 1},
+            compute={"checkpointing": True},
         )
     assert enable_activation_checkpointing(torch.nn.Conv3d(1, 1, 1)) == 0
 

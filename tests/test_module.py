@@ -56,12 +56,12 @@ def test_dice_metric_uses_sigmoid_threshold() -> None:
     module = SegModule(net=TINY_NET)
     label = cube_batch()["label"]
     perfect_logits = (label * 2 - 1) * 10.0  # sigmoid > 0.5 exactly on the cube
-    module.dice(module.binarize(perfect_logits), label)
+    module.dice(module.class_masks(module.labels(module.probabilities(perfect_logits))), label)
     assert module.dice.aggregate().item() == pytest.approx(1.0)
     module.dice.reset()
     half = perfect_logits.clone()
     half[:, :, 4:8] = -10.0  # half of the cube missed: Dice = 2*0.5/(0.5+1) = 2/3
-    module.dice(module.binarize(half), label)
+    module.dice(module.class_masks(module.labels(module.probabilities(half))), label)
     assert module.dice.aggregate().item() == pytest.approx(2 / 3, abs=1e-6)
 
 

@@ -12,7 +12,7 @@ from omegaconf import open_dict
 from seglight.callbacks import NonFiniteLossError
 from seglight.errors import reported_errors
 from seglight.train import train
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 NAN_STEP = 4  # the second step of epoch 2 (3 steps an epoch): epoch 1's last.ckpt exists by then
 
@@ -21,6 +21,7 @@ def test_nan_loss_stops_the_run_with_the_step_and_the_fix(
     tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
     run_dir = tmp_path / "run"
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     cfg = tiny_config(run_dir, "trainer.max_epochs=3")
     with open_dict(cfg):
         # The documented debugging aid: the network's output turns NaN at this step, as in a 16-bit overflow;
@@ -39,9 +40,9 @@ def test_nan_loss_stops_the_run_with_the_step_and_the_fix(
     state = torch.load(last, map_location="cpu", weights_only=True)
     assert state["global_step"] == 3 and state["epoch"] == 0  # ... and is the end of epoch 1, untouched
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
-    # Ctrl-C works as usual again once the failed run is over (a sweep goes on in this same process).
-    with pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
+    # Ctrl-C and SIGTERM are handled as before the run once it has failed (a sweep goes on in this process).
+    # Compared, not raised: a background job or CI runner may have started the tests with SIGINT ignored.
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
 
 
 def test_the_guard_names_non_finite_input_data(tmp_path: Path, cache_dir: Path) -> None:

@@ -19,11 +19,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from seglight import SegDataModule, SegModule, compose
+from seglight import SegDataModule, SegModule, compose, predict_volume
+from seglight.checkpointing import safe_load
 from seglight.data.inputs import list_inputs
 from seglight.errors import ConfigError, DataError
-from seglight.inference import Predictor, load_checkpoint, predict, safe_load
-from tests.conftest import S3, run_cli
+from seglight.inference import Predictor, load_module, predict
+from tests.helpers import S3, run_script
 
 SIZE = [16, 16, 16]
 # Label value -> intensity (the window is -1000..1000, so 0, 0.5 and 1 after windowing).
@@ -73,11 +74,15 @@ def write_case(folder: Path, name: str, shape, affine, values=(1, 1), hu=BINARY_
 def intensity_checkpoint(path: Path, cases: list[dict[str, str]], classes: int) -> Path:
     """A real Lightning checkpoint (1 epoch at lr 0) of a network that maps windowed intensity to the label."""
     conv = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": classes, "kernel_size": 1}
+    datamodule = SegDataModule(
+        datalist=cases, spatial_size=SIZE, num_workers=0, batch_size=1, cache="none", val_fraction=0.5
+    )
     module = SegModule(
         net=conv,
         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.0},
         label_names={0: "background", 1: "organ"} if classes == 1 else {0: "background", 1: "a", 2: "b"},
         metrics={"hd95": False},
+        data=datamodule.prediction_settings(),  # as seglight.build saves it
     )
     with torch.no_grad():
         if classes == 1:  # sigmoid(20 x - 10): foreground where x (0 or 1 here) is bright
@@ -86,9 +91,6 @@ def intensity_checkpoint(path: Path, cases: list[dict[str, str]], classes: int) 
             weights, bias = [-20.0, 0.0, 20.0], [5.0, 0.0, -15.0]
         module.net.weight.copy_(torch.tensor(weights).reshape(classes, 1, 1, 1, 1))
         module.net.bias.copy_(torch.tensor(bias))
-    datamodule = SegDataModule(
-        datalist=cases, spatial_size=SIZE, num_workers=0, batch_size=1, cache="none", val_fraction=0.5
-    )
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -141,8 +143,10 @@ def test_masks_keep_shape_affine_and_line_up_voxel_for_voxel(
 
 
 def test_flip_tta_and_smaller_windows_still_line_up(scans, binary_ckpt: Path, tmp_path: Path) -> None:
-    predictor = Predictor.from_checkpoint(binary_ckpt, roi=[8, 8, 8], overlap=0.25, tta=True, device="cpu")
-    assert predictor.roi == [8, 8, 8] and predictor.tta
+    predictor = Predictor(
+        binary_ckpt, inference={"roi_size": [8, 8, 8], "overlap": 0.25}, tta=True, device="cpu"
+    )
+    assert predictor.inference["roi_size"] == [8, 8, 8] and predictor.tta
     image_path, label_path = scans["oblique"]
     result = predictor.predict_case(str(image_path), keep_probabilities=True)
     assert np.array_equal(result.mask, np.asanyarray(nib.load(label_path).dataobj))
@@ -199,18 +203,22 @@ def test_crafted_checkpoint_is_refused_without_running_its_code(
 def test_benign_omegaconf_hyperparameters_still_load(binary_ckpt: Path, tmp_path: Path) -> None:
     checkpoint = torch.load(binary_ckpt, weights_only=False)
     checkpoint["datamodule_hyper_parameters"] = OmegaConf.create(checkpoint["datamodule_hyper_parameters"])
+    del checkpoint["hyper_parameters"]["data"]  # as older versions saved it: beside the module only
     torch.save(checkpoint, tmp_path / "omegaconf.ckpt")
-    loaded = load_checkpoint(tmp_path / "omegaconf.ckpt")
-    assert loaded.data["spatial_size"] == SIZE and not loaded.module.training
+    module = load_module(tmp_path / "omegaconf.ckpt")
+    assert module.hparams.data["spatial_size"] == SIZE and not module.training
     for path, problem in (
         (tmp_path / "missing.ckpt", "no such checkpoint file"),
         (Path(__file__), "not a readable PyTorch checkpoint"),
     ):
         with pytest.raises(ConfigError, match=problem):
             safe_load(path)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "bare.ckpt")
+    with pytest.raises(ConfigError, match="bare.ckpt: not a Lightning checkpoint"):
+        safe_load(tmp_path / "bare.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(ConfigError, match="not a seglight checkpoint"):
-        safe_load(tmp_path / "plain.ckpt")
+        load_module(tmp_path / "plain.ckpt")
 
 
 def test_inputs_from_files_folders_and_datalists(scans, tmp_path: Path) -> None:
@@ -241,11 +249,19 @@ def test_inputs_from_files_folders_and_datalists(scans, tmp_path: Path) -> None:
 def test_predict_volume_in_a_notebook(scans, binary_ckpt: Path) -> None:
     module = SegModule.load_from_checkpoint(binary_ckpt, map_location="cpu")
     image_path, label_path = scans["lps"]
-    mask = module.predict_volume(str(image_path), data=binary_ckpt)
+    label = np.asanyarray(nib.load(label_path).dataobj)
+    module.train()
+    mask = predict_volume(module, str(image_path))  # the module carries the preprocessing it was trained with
     assert np.allclose(mask.affine, nib.load(image_path).affine)
-    assert np.array_equal(np.asanyarray(mask.dataobj), np.asanyarray(nib.load(label_path).dataobj))
+    assert np.array_equal(np.asanyarray(mask.dataobj), label)
+    assert module.training  # left as it was
+    assert np.array_equal(np.asanyarray(predict_volume(binary_ckpt, image_path).dataobj), label)
+    by_hand = SegModule(
+        net={"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 1, "kernel_size": 1}
+    )
     with pytest.raises(ConfigError, match="pass data="):
-        module.predict_volume(str(image_path))
+        predict_volume(by_hand, str(image_path))
+    assert predict_volume(by_hand, str(image_path), data=binary_ckpt).shape == nib.load(image_path).shape
 
 
 @pytest.mark.slow
@@ -258,8 +274,8 @@ def test_cli_writes_the_good_inputs_and_names_the_bad_one(
         (folder / f"{name}.nii.gz").write_bytes(scans[name][0].read_bytes())
     (folder / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
     out = tmp_path / "masks"
-    result = run_cli(
-        "seglight.predict", f"ckpt={binary_ckpt}", f"input={folder}", f"output={out}", cache=cache_dir
+    result = run_script(
+        "seglight-predict", f"ckpt={binary_ckpt}", f"input={folder}", f"output={out}", cache=cache_dir
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert (

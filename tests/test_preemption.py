@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, tensorboard_scalars, tiny_overrides
+from tests.helpers import REPO, run_cli, tensorboard_scalars, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

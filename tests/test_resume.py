@@ -1,8 +1,10 @@
-"""Exact resume: 4 epochs in one go == 2 epochs, then a resume for 2 more (weights, optimizer, curves, best)."""
+"""Exact resume: 4 epochs in one go == 2 epochs, then a resume for 2 more (weights, optimizer, curves, best); a
+SIGTERM in the middle of an epoch with loader workers, then resume=true (also from SLURM's hpc_ckpt), == no stop."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -11,8 +13,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from seglight.checkpointing import find_last_checkpoint
 from seglight.train import train
-from tests.conftest import tensorboard_scalars, tiny_config
+from tests.helpers import run_cli, tensorboard_scalars, tiny_config, tiny_overrides
 
 # A schedule that changes the learning rate every epoch: a scheduler reset by the resume would show.
 STEP_LR = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.7}
@@ -109,3 +112,61 @@ def test_seed_reaches_the_dataloader_workers(tmp_path: Path, cache_dir: Path) ->
     first, again, other = batches(7), batches(7), batches(8)
     assert len(first) == len(again) and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def newest(run_dir: Path) -> dict:
+    """The newest last*.ckpt: in a copied run folder, Lightning saves last-v1.ckpt beside the copied last.ckpt."""
+    path = find_last_checkpoint(run_dir / "checkpoints")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# Mid-epoch: 5 training cases in batches of 2 make 3 steps an epoch; SIGTERM after step 4 lands in epoch 2.
+WORKERS = ("data.cache=none", "data.num_workers=2")
+
+
+@pytest.fixture(scope="module")
+def stopped_mid_epoch(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, Path]:
+    """The same 2-epoch run with 2 loader workers: once without a stop, once stopped by SIGTERM after step 4."""
+    root = tmp_path_factory.mktemp("mid-epoch")
+    whole, stopped = root / "whole", root / "stopped"
+    train(tiny_config(whole, *WORKERS))
+    sigterm = "+callbacks.sigterm={_target_:tests.callbacks.SignalAtStep,step:4}"
+    result = run_cli("seglight.train", *tiny_overrides(stopped), *WORKERS, sigterm, cache=cache_dir)
+    assert result.returncode == 143, result.stderr[-3000:]
+    saved = load(stopped)
+    assert (saved["epoch"], saved["global_step"]) == (1, 4)  # in the middle of the second epoch
+    return whole, stopped
+
+
+def test_resume_after_sigterm_mid_epoch_with_workers_is_exact(
+    stopped_mid_epoch: tuple[Path, Path], tmp_path: Path
+) -> None:
+    whole, stopped = stopped_mid_epoch
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped, run_dir)
+    train(tiny_config(run_dir, *WORKERS, "resume=true"))
+    a, b = load(whole), newest(run_dir)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (1, 6)
+    different = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    sessions = json.loads((run_dir / "run_info.json").read_text())["sessions"]
+    assert sessions[-1]["resumed_from"].endswith("last.ckpt")
+
+
+def test_resume_true_picks_up_slurms_hpc_checkpoint(
+    stopped_mid_epoch: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Lightning's SLURM auto-requeue saves hpc_ckpt_<n>.ckpt in the run folder: it wins over an older last.ckpt."""
+    whole, stopped = stopped_mid_epoch
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "last.ckpt").rename(run_dir / "hpc_ckpt_1.ckpt")  # step 4
+    best = next(checkpoints.glob("best-*.ckpt"))  # end of the first epoch, step 3
+    shutil.copy(best, checkpoints / "last.ckpt")  # newer file, fewer steps
+    train(tiny_config(run_dir, *WORKERS, "resume=true"))
+    sessions = json.loads((run_dir / "run_info.json").read_text())["sessions"]
+    assert sessions[-1]["resumed_from"] == str(run_dir / "hpc_ckpt_1.ckpt")
+    a, b = load(whole), newest(run_dir)
+    assert b["global_step"] == 6
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

@@ -25,7 +25,7 @@ from fsspec.callbacks import Callback
 from seglight import SegDataModule
 from seglight.data.remote import RemoteCache, RemoteError
 from seglight.errors import DataError
-from tests.conftest import S3, SECRET, free_port, make_msd_dataset, run_cli, write_nifti
+from tests.helpers import S3, SECRET, free_port, make_msd_dataset, run_cli, write_nifti
 
 FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}}}
 

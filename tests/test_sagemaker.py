@@ -32,7 +32,7 @@ from seglight.errors import ConfigError, DataError
 from seglight.sagemaker.environment import SageMakerEnvironment
 from seglight.sagemaker.hyperparameters import parse_arguments
 from seglight.sagemaker.job import job_overrides
-from tests.conftest import (
+from tests.helpers import (
     REPO,
     make_msd_dataset,
     make_subject_folders,

@@ -13,7 +13,7 @@ import torch
 
 from seglight import SegDataModule, SegModule
 from seglight.errors import ConfigError
-from tests.conftest import train_in_process, write_nifti
+from tests.helpers import train_in_process, write_nifti
 
 SHAPE = (40, 36, 24)  # larger than the 16^3 patch along every axis
 SPACING = (1.0, 1.0, 2.0)
@@ -42,19 +42,12 @@ def make_dataset(root: Path, num_cases: int = 3, two_labels: bool = False) -> Pa
     return root
 
 
-def patch_datamodule(root: Path, **options) -> SegDataModule:
+def patch_datamodule(root: Path, patch: dict | None = None, **options) -> SegDataModule:
     settings = dict(
-        root=str(root),
-        mode="patch",
-        target_spacing=None,
-        patch_size=PATCH,
-        num_samples=3,
-        batch_size=2,
-        num_workers=0,
-        val_fraction=0.34,
-        split_path=None,
+        root=str(root), mode="patch", batch_size=2, num_workers=0, val_fraction=0.34, split_path=None
     )
-    return SegDataModule(**{**settings, **options})
+    patch = {"target_spacing": None, "size": PATCH, "num_samples": 3, **(patch or {})}
+    return SegDataModule(**{**settings, **options}, patch=patch)
 
 
 def filter_net(kernel: int) -> SegModule:
@@ -131,14 +124,14 @@ def test_stitching_on_the_cpu_is_an_option(tmp_path: Path) -> None:
 
 def test_patch_mode_draws_several_patches_per_volume_around_foreground(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "ds")
-    datamodule = patch_datamodule(root, pos_neg_ratio=[1, 0])
+    datamodule = patch_datamodule(root, patch={"pos_neg_ratio": [1, 0]})
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
     # batch_size 2 volumes x num_samples 3 patches each, every patch centred on the organ.
     assert batch["image"].shape == (6, 1, *PATCH) and batch["label"].shape == (6, 1, *PATCH)
     assert all(bool(patch.any()) for patch in batch["label"])
     # Only background centres: the centre voxel is never organ.
-    datamodule = patch_datamodule(root, pos_neg_ratio=[0, 1])
+    datamodule = patch_datamodule(root, patch={"pos_neg_ratio": [0, 1]})
     datamodule.setup()
     labels = torch.cat([next(iter(datamodule.train_dataloader()))["label"] for _ in range(3)])
     assert not labels[:, 0, 8, 8, 8].any()
@@ -149,7 +142,7 @@ def test_patch_mode_draws_several_patches_per_volume_around_foreground(tmp_path:
 
 def test_patch_mode_resamples_to_the_target_spacing(tmp_path: Path) -> None:
     datamodule = patch_datamodule(
-        make_dataset(tmp_path / "ds"), target_spacing=[2.0, 2.0, 2.0], patch_size=[16, 16, 8]
+        make_dataset(tmp_path / "ds"), patch={"target_spacing": [2.0, 2.0, 2.0], "size": [16, 16, 8]}
     )
     datamodule.setup()
     val = next(iter(datamodule.val_dataloader()))
@@ -160,13 +153,15 @@ def test_patch_mode_resamples_to_the_target_spacing(tmp_path: Path) -> None:
 
 
 def test_patches_by_label_class(tmp_path: Path) -> None:
-    datamodule = patch_datamodule(make_dataset(tmp_path / "ds", two_labels=True), class_ratios=[0, 0, 1])
+    datamodule = patch_datamodule(
+        make_dataset(tmp_path / "ds", two_labels=True), patch={"class_ratios": [0, 0, 1]}
+    )
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
     assert all(bool((patch == 2).any()) for patch in batch["label"])  # every patch centred on the cyst
-    wrong = patch_datamodule(tmp_path / "ds", class_ratios=[1, 1])
+    wrong = patch_datamodule(tmp_path / "ds", patch={"class_ratios": [1, 1]})
     with pytest.raises(
-        ConfigError, match="data.class_ratios has 2 entries but the dataset has 3 label classes"
+        ConfigError, match="data.patch.class_ratios has 2 entries but the dataset has 3 label classes"
     ):
         wrong.setup()
 
@@ -175,9 +170,10 @@ def test_patches_by_label_class(tmp_path: Path) -> None:
     ("options", "message"),
     [
         ({"mode": "tiles"}, "data.mode must be one of resize, patch"),
-        ({"patch_size": [16, 16]}, "data.patch_size must be three positive sizes"),
-        ({"num_samples": 0}, "data.num_samples must be at least 1"),
-        ({"pos_neg_ratio": [0, 0]}, "data.pos_neg_ratio must not be [0, 0]"),
+        ({"patch": {"size": [16, 16]}}, "data.patch.size must be three positive sizes"),
+        ({"patch": {"num_samples": 0}}, "data.patch.num_samples must be at least 1"),
+        ({"patch": {"pos_neg_ratio": [0, 0]}}, "data.patch.pos_neg_ratio must not be [0, 0]"),
+        ({"patch": {"sizes": [16, 16, 16]}}, "data.patch.sizes: not a patch option"),
     ],
 )
 def test_bad_patch_options(tmp_path: Path, options: dict, message: str) -> None:
@@ -196,8 +192,8 @@ def test_patch_larger_than_the_volume_is_one_clear_message(
             "data=msd",
             f"data.root={root}",
             "data.mode=patch",
-            "data.target_spacing=[2.0,2.0,2.0]",
-            "data.patch_size=[32,32,32]",
+            "data.patch.target_spacing=[2.0,2.0,2.0]",
+            "data.patch.size=[32,32,32]",
             "data.num_workers=0",
             "model.init_filters=8",
         ],
@@ -206,8 +202,8 @@ def test_patch_larger_than_the_volume_is_one_clear_message(
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2
     assert len(err) == 1 and err[0].startswith(
-        "seglight.train: error: data.patch_size=[32, 32, 32] is larger"
+        "seglight.train: error: data.patch.size=[32, 32, 32] is larger"
     )
-    assert "c0 ([20, 18, 24] voxels) and 2 more at data.target_spacing=[2.0, 2.0, 2.0] mm" in err[0]
+    assert "c0 ([20, 18, 24] voxels) and 2 more at data.patch.target_spacing=[2.0, 2.0, 2.0] mm" in err[0]
     assert "no larger than [20, 18, 24]" in err[0]
     assert not (run / "checkpoints").exists()

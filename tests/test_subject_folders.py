@@ -19,7 +19,7 @@ from seglight.data.remote import RemoteCache
 from seglight.errors import DataError
 from seglight.evaluate import evaluate
 from seglight.inference import predict
-from tests.conftest import S3, make_subject_folders, run_cli
+from tests.helpers import S3, make_subject_folders, run_cli
 
 SUBJECTS = [f"subj_{i:03d}" for i in range(5)]
 TINY = ["data.spatial_size=[16,16,8]", "data.num_workers=0", "model.init_filters=8", "trainer.max_epochs=1"]

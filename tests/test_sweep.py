@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from seglight.sweep import collect_rows, format_table
-from tests.conftest import run_cli, tiny_overrides
+from tests.helpers import REPO, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +39,7 @@ def chosen(row: dict[str, str], key: str) -> str:
     return dict(o.split("=", 1) for o in row["overrides"].split())[key]
 
 
-def test_grid_sweep_writes_summary_csv_best_first(tmp_path: Path, cache_dir: Path) -> None:
+def test_grid_sweep_writes_summary_csv_best_first(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     # The grid. model.init_filters is a SegResNet option, so both networks keep their defaults; 7 cases
     # leave 6 for training, so no batch has a single case (UNet's BatchNorm at a 1x1x1 bottleneck needs two).
@@ -45,7 +50,6 @@ def test_grid_sweep_writes_summary_csv_best_first(tmp_path: Path, cache_dir: Pat
         "optimizer.lr=1e-3,1e-4",
         *sweep_overrides(sweep_dir, "model.init_filters", "data.demo.num_cases"),
         "data.demo.num_cases=7",
-        cache=cache_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_summary(sweep_dir)
@@ -64,31 +68,65 @@ def test_grid_sweep_writes_summary_csv_best_first(tmp_path: Path, cache_dir: Pat
     assert table.index(f"{dice[0]:.4f}") < table.index(f"{dice[-1]:.4f}") and "(all runs:" in table
 
 
-def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path: Path, cache_dir: Path) -> None:
+def test_failed_runs_are_recorded_the_sweep_goes_on_and_exits_non_zero(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    # A negative learning rate is impossible: Adam refuses it when the run builds its optimizer.
+    # A negative learning rate fails when the run builds its optimizer; model=nosuchnet cannot even be composed
+    # (Hydra would stop the whole sweep at it before any job ran).
     result = run_cli(
-        "seglight.train", "-m", "optimizer.lr=-1,1e-3", *sweep_overrides(sweep_dir), cache=cache_dir
+        "seglight.train",
+        "-m",
+        "model=segresnet,nosuchnet",
+        "optimizer.lr=-1,1e-3",
+        *sweep_overrides(sweep_dir),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
     assert "job 0 failed, the sweep goes on" in result.stderr and "Invalid learning rate" in result.stderr
+    assert "3 of 4 runs failed (jobs" in result.stderr.strip().splitlines()[-1]
     rows = read_summary(sweep_dir)
-    assert [r["status"] for r in rows] == ["completed", "failed"]  # best first, failures last
-    assert float(chosen(rows[0], "optimizer.lr")) == 1e-3 and rows[0]["best_dice"]
-    assert float(chosen(rows[1], "optimizer.lr")) == -1 and "Invalid learning rate" in rows[1]["error"]
-    assert rows[1]["best_dice"] == "" and float(rows[1]["wall_time_s"]) >= 0
+    assert [r["status"] for r in rows] == ["completed", "failed", "failed", "failed"]  # best first
+    assert chosen(rows[0], "model") == "segresnet" and float(chosen(rows[0], "optimizer.lr")) == 1e-3
+    assert rows[0]["best_dice"]
+    runtime = next(
+        r for r in rows if chosen(r, "model") == "segresnet" and float(chosen(r, "optimizer.lr")) < 0
+    )
+    assert "Invalid learning rate" in runtime["error"] and runtime["best_dice"] == ""
+    composed = [r for r in rows if chosen(r, "model") == "nosuchnet"]
+    assert len(composed) == 2 and all("Could not find 'model/nosuchnet'" in r["error"] for r in composed)
+    assert all("segresnet" in r["error"] and Path(r["output_dir"]).parent == sweep_dir for r in composed)
     # The same rows, read back from the job folders, make the same table.
     assert "failed" in format_table(collect_rows(sweep_dir))
 
 
-def test_optuna_search_maximises_dice_over_lr_and_loss(tmp_path: Path, cache_dir: Path) -> None:
+def test_sigterm_to_a_running_sweep_leaves_summary_csv(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "seglight.train", "-m", "trainer.max_epochs=1,500"]
+    command += [o for o in sweep_overrides(sweep_dir) if not o.startswith("trainer.max_epochs")]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    log = tmp_path / "sweep.log"  # a file, not a pipe: a full pipe would block the sweep
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+        )
+        try:
+            # The second run is under way once it has saved its first epoch.
+            deadline = time.monotonic() + 240
+            while not (sweep_dir / "1" / "checkpoints" / "last.ckpt").exists():
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+        finally:
+            process.kill()
+    assert process.returncode == 143, log.read_text()[-3000:]
+    rows = read_summary(sweep_dir)
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "completed"), ("1", "interrupted")]
+    assert (sweep_dir / "1" / "checkpoints" / "last.ckpt").is_file()  # resume=true continues it
+
+
+def test_optuna_search_maximises_dice_over_lr_and_loss(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "optuna"
     result = run_cli(
-        "seglight.train",
-        "hparams_search=optuna",
-        "hydra.sweeper.n_trials=2",
-        *sweep_overrides(sweep_dir),
-        cache=cache_dir,
+        "seglight.train", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *sweep_overrides(sweep_dir)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_summary(sweep_dir)

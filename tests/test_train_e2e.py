@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import run_cli, tiny_overrides
+from tests.helpers import run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

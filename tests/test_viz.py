@@ -12,18 +12,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from seglight import SegDataModule, SegModule
-from seglight.errors import DataError
-from seglight.viz import (
+from seglight import SegDataModule, SegModule, compose
+from seglight.errors import ConfigError, DataError
+from seglight.pictures import (
     ProgressPlot,
     ValidationPicture,
     choose_slices,
-    main,
     nifti_figure,
     progress_figure,
     save_figure,
     three_panel_figure,
 )
+from seglight.viz import run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -75,19 +75,14 @@ def test_viz_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "scan.nii.gz")
     nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "mask.nii.gz")
     out = tmp_path / "overlay.png"
-    main(
-        [
-            f"image={tmp_path / 'scan.nii.gz'}",
-            f"pred={tmp_path / 'mask.nii.gz'}",
-            f"out={out}",
-            "slice=middle",
-        ]
-    )
+    options = [f"image={tmp_path / 'scan.nii.gz'}", f"pred={tmp_path / 'mask.nii.gz'}", f"out={out}"]
+    cfg = compose([*options, "slice=middle"], config_name="viz", output_dir=tmp_path)
+    assert run(cfg) == out
     assert out.read_bytes()[:8] == PNG and f"Wrote {out}" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        main([f"image={tmp_path / 'scan.nii.gz'}", "colour=red"])
-    assert exit_info.value.code == 2
-    assert "seglight.viz: error: 'colour=red': expected key=value" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="slice='top': choose one of max, middle"):
+        run(compose([*options, "slice=top"], config_name="viz", output_dir=tmp_path))
+    with pytest.raises(ConfigError, match="image= is required"):
+        run(compose([], config_name="viz", output_dir=tmp_path))
 
 
 def test_progress_plot_history_survives_a_checkpoint(tmp_path: Path) -> None:

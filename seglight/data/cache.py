@@ -5,6 +5,8 @@ augmentation runs per step. ``disk``: the same, stored with MONAI's ``Persistent
 case's files (path, size, modification time) and a signature of the deterministic transforms with their settings,
 so the cache persists across runs and is invalidated when either changes. Both report every case that fails to
 preprocess (with its file) instead of stopping at the first one, so a run can refuse to start, or skip them.
+``none``: nothing is kept; every access runs the whole pipeline, and each case is checked when a process first
+reads it (``FirstReadDataset``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,8 +31,10 @@ from monai.data import Dataset, MetaTensor, PersistentDataset
 from monai.transforms import RandomizableTrait, Transform, apply_transform
 from monai.utils import convert_to_tensor
 
+from seglight.data.cache_files import record_use
 from seglight.data.remote import cache_usage
-from seglight.errors import ConfigError, find_user_error
+from seglight.errors import ConfigError, DataError, find_user_error
+from seglight.io import atomic_path
 
 log = logging.getLogger("seglight")
 
@@ -49,9 +52,12 @@ def split_pipeline(pipeline: mt.Compose) -> tuple[mt.Compose, mt.Compose]:
     return mt.Compose(steps[:cut]), mt.Compose(steps[cut:])
 
 
-def pipeline_signature(pipeline: mt.Compose) -> str:
-    """A hash of the transforms' classes and settings (and MONAI's version): changes when the output would."""
-    description = [CACHE_FORMAT, monai.__version__, _describe(list(pipeline.transforms))]
+def pipeline_signature(pipeline: mt.Compose, *checks: Any) -> str:
+    """A hash of the transforms' classes and settings (and MONAI's version): changes when the output would.
+
+    ``checks`` (their public settings) are part of it too: an entry exists only for a case that passed them.
+    """
+    description = [CACHE_FORMAT, monai.__version__, _describe(list(pipeline.transforms)), _describe(checks)]
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -98,7 +104,9 @@ class DiskCacheDataset(PersistentDataset):
 
     def ensure_cached(self, item: Mapping[str, Any], verify: Callable[[Any], None] | None = None) -> bool:
         """Compute and store ``item``'s entry unless it exists (``verify`` runs first); True when computed now."""
-        if self._cache_file(item).is_file():
+        entry = self._cache_file(item)
+        if entry.is_file():
+            record_use(entry)
             return False
         if verify is not None:
             verify(item)
@@ -109,7 +117,11 @@ class DiskCacheDataset(PersistentDataset):
         hashfile = self._cache_file(item_transformed)
         if hashfile.is_file():
             try:
-                return torch.load(hashfile, weights_only=self.weights_only)
+                item = torch.load(hashfile, weights_only=self.weights_only)
+                record_use(hashfile)
+                return item
+            except FileNotFoundError:  # removed since (python -m seglight.cache clear): recompute it
+                log.info("Preprocessed cache entry %s was removed: recomputing it", hashfile)
             except Exception as exc:  # truncated or unreadable entry: recompute it
                 log.warning("Preprocessed cache entry %s is damaged (%s): recomputing it", hashfile, exc)
                 hashfile.unlink(missing_ok=True)
@@ -118,14 +130,12 @@ class DiskCacheDataset(PersistentDataset):
     def _compute_and_store(self, item: Any) -> Any:
         hashfile = self._cache_file(item)
         result = self._pre_transform(deepcopy(item))
-        tmp = hashfile.with_name(f".{hashfile.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            torch.save(convert_to_tensor(result, convert_numeric=False, track_meta=self.track_meta), tmp)
-            os.replace(tmp, hashfile)
+            # Not durable: a lost entry is recomputed, and syncing every entry would slow filling the cache.
+            with atomic_path(hashfile, durable=False) as tmp:
+                torch.save(convert_to_tensor(result, convert_numeric=False, track_meta=self.track_meta), tmp)
         except OSError as exc:  # a full or read-only disk costs speed, not the run
             log.warning("Cannot write the preprocessed cache entry %s (%s)", hashfile, exc)
-        finally:
-            tmp.unlink(missing_ok=True)
         return result
 
 
@@ -145,6 +155,55 @@ class MemoryCacheDataset(Dataset):
         has_meta = any(isinstance(v, MetaTensor) for v in item.values())
         result = apply_transform(self.transform, deepcopy(item) if has_meta else dict(item))
         return result if has_meta else without_meta(result)
+
+
+class FirstReadDataset(Dataset):
+    """Runs the whole pipeline on every access (``data.cache=none``); checks each case when first read.
+
+    ``verify`` runs once per case in each process (the DataLoader worker or thread that reads it first). A case
+    that fails raises its DataError, or, when ``on_bad`` is given (training under ``data.on_bad_case=skip``),
+    is reported to ``on_bad(case, message)`` and replaced from then on by the next good case, so an epoch keeps
+    its length and its order.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Any],
+        transform: Callable[[Any], Any] | None = None,
+        verify: Callable[[Any], None] | None = None,
+        on_bad: Callable[[Any, str], None] | None = None,
+    ) -> None:
+        super().__init__(list(data), transform)
+        self.verify = verify
+        self.on_bad = on_bad
+        self._verified: set[int] = set()
+        self._bad: set[int] = set()
+
+    def _transform(self, index: int) -> Any:
+        count = len(self.data)
+        for step in range(count):
+            candidate = (index + step) % count
+            if candidate in self._bad:
+                continue
+            try:
+                return self._read(candidate)
+            except Exception as exc:
+                user_error = find_user_error(exc)
+                if user_error is None:
+                    raise  # a bug, not a bad file: keep the traceback
+                if self.on_bad is None:
+                    raise user_error from None
+                self._bad.add(candidate)
+                self.on_bad(self.data[candidate], str(user_error))
+        raise DataError(f"none of the {count} cases could be read (each was reported above)")
+
+    def _read(self, index: int) -> Any:
+        item = self.data[index]
+        if index not in self._verified:
+            if self.verify is not None:
+                self.verify(item)
+            self._verified.add(index)
+        return apply_transform(self.transform, item) if self.transform is not None else item
 
 
 def without_meta(item: Any) -> Any:
@@ -202,6 +261,8 @@ def cached_dataset(
     workers: int = 1,
     verify: Callable[[Any], None] | None = None,
     keep_meta: bool = True,
+    verify_on_read: bool = False,
+    on_bad: Callable[[Any, str], None] | None = None,
 ) -> tuple[Dataset, dict[int, str]]:
     """A dataset that runs ``pipeline``'s deterministic part once per case (``mode``), and the failed cases.
 
@@ -209,10 +270,17 @@ def cached_dataset(
     problem. ``verify`` runs on each case before it is preprocessed (and raises for a bad one). Without
     ``keep_meta`` the cached items are plain tensors, which makes each step's copy and collation cheaper
     (validation keeps the metadata: its metrics need the voxel spacing). With ``none`` nothing runs ahead and
-    every access runs the whole pipeline.
+    every access runs the whole pipeline; ``verify`` runs now on every case, or with ``verify_on_read`` when a
+    process first reads the case (bad cases then go to ``on_bad``, or raise; see ``FirstReadDataset``).
     """
     if mode == "none":
-        return Dataset(list(cases), pipeline), {}
+        if verify_on_read:
+            return FirstReadDataset(cases, pipeline, verify=verify, on_bad=on_bad), {}
+        failures = {}
+        if verify is not None:
+            _, failures = preprocess(cases, verify, workers)
+        kept = [case for i, case in enumerate(cases) if i not in failures]
+        return FirstReadDataset(kept, pipeline), failures
     deterministic, random = split_pipeline(pipeline)
     if mode == "memory":
 
@@ -238,7 +306,7 @@ def cached_dataset(
     if mode != "disk":
         raise ValueError(f"unknown cache mode {mode!r}")
     folder = Path(cache_dir) if cache_dir is not None else None
-    key = CacheKey(pipeline_signature(deterministic))
+    key = CacheKey(pipeline_signature(deterministic, verify))
     options = dict(cache_dir=folder, hash_func=key, weights_only=False, keep_meta=keep_meta)
     dataset = DiskCacheDataset(list(cases), pipeline, **options)
     computed, failures = preprocess(cases, lambda case: dataset.ensure_cached(case, verify), workers)

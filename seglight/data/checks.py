@@ -3,15 +3,16 @@
 The fast check reads headers only: files exist and open as NIfTI, image and label agree in shape and affine,
 the image has the declared channels, orientations agree. The full check also reads every
 voxel: a corrupt or truncated gzip, NaN/Inf values, label values outside the declared labels and all-background
-labels are found there, before a DataLoader worker finds them hours into a run.
+labels are found there. Training runs the fast check at start and the voxel part (``check_case_data``) on each
+case when it first reads it, so a bad scan stops a run (or is skipped) with the line the check prints.
 """
 
 from __future__ import annotations
 
 import gzip
 import logging
+import math
 import statistics
-import zlib
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,14 +24,16 @@ import nibabel as nib
 import numpy as np
 
 from seglight.errors import DataError
+from seglight.io import describe_exception, load_nifti, read_array, unreadable_nifti
 
 log = logging.getLogger("seglight")
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Affines of an image and its label may differ by float rounding of a conversion, not by more.
 AFFINE_TOLERANCE = 1e-3
 PERCENTILES = (0.5, 50.0, 99.5)
 MAX_SAMPLED_VOXELS = 2_000_000  # intensity percentiles are estimated from a strided sample
+LABEL_CHUNK = 1 << 22  # label voxels counted at a time (bounded temporaries)
+BINCOUNT_RANGE = 1 << 16  # label value spans counted with bincount; wider ones are sorted
 
 
 @dataclass
@@ -123,23 +126,25 @@ def case_files(case: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
     return files
 
 
-def check_gzip_intact(case: Mapping[str, Any], keys: Sequence[str] = ("image", "label")) -> None:
-    """Raise DataError unless every ``.gz`` file of ``case`` decompresses to its end with a valid checksum.
+def check_case_data(
+    case: Mapping[str, Any],
+    labels: Iterable[int] | None = None,
+    num_classes: int | None = None,
+    names: Mapping[str, str] | None = None,
+) -> None:
+    """Read every voxel of one case as ``python -m seglight.check`` does; raise DataError with its line if bad.
 
-    Readers stop once they have the voxels, before gzip's CRC: damage that still decodes would go unnoticed.
+    Finds corrupt or truncated gzip data (the whole stream is decompressed, so its CRC is verified), NaN/Inf
+    values, non-integer label values and label values outside ``labels`` (the declared values) or the model's
+    ``num_classes`` (0..num_classes-1). Training runs it on each case when the case is first read or cached.
     """
-    for path in case_files(case, keys):
-        if not path.endswith(".gz"):
-            continue
-        try:
-            with gzip.open(path, "rb") as stream:
-                while stream.read(1 << 24):
-                    pass
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(
-                f"{path}: not a readable NIfTI image (truncated or corrupt gzip data: {type(exc).__name__}: "
-                f"{_first_line(exc)})"
-            ) from None
+    allowed = set(labels) if labels else None
+    _, findings = _inspect_case(
+        0, case, True, allowed, None, dict(names or {}), num_classes=num_classes, statistics=False
+    )
+    errors = [str(f) for f in findings if f.severity == "error"]
+    if errors:
+        raise DataError("; ".join(errors))
 
 
 def inspect_cases(
@@ -151,6 +156,7 @@ def inspect_cases(
     names: Mapping[str, str] | None = None,
     workers: int = 1,
     exclude: Collection[int] = (),
+    num_classes: int | None = None,
 ) -> DatasetReport:
     """Check every case (headers only, or every voxel with ``full``) and the dataset as a whole.
 
@@ -162,13 +168,16 @@ def inspect_cases(
         names: how to name a local file in messages (a downloaded file by its URL).
         workers: threads reading files in parallel (decompression releases the GIL).
         exclude: indices of cases already known to be bad (not fetched), not inspected again.
+        num_classes: classes the model predicts (background included); label values beyond them are errors.
     """
     names = dict(names or {})
     allowed = set(labels or {}) | set(label_values or ())
     report = DatasetReport(num_cases=len(cases), full=full, labels=dict(labels or {}))
 
     def one(index: int) -> tuple[CaseInfo | None, list[Finding]]:
-        return _inspect_case(index, cases[index], full, allowed or None, channels, names)
+        return _inspect_case(
+            index, cases[index], full, allowed or None, channels, names, num_classes=num_classes
+        )
 
     indices = [i for i in range(len(cases)) if i not in set(exclude)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -193,6 +202,8 @@ def _inspect_case(
     allowed: set[int] | None,
     channels: int | None,
     names: Mapping[str, str],
+    num_classes: int | None = None,
+    statistics: bool = True,
 ) -> tuple[CaseInfo | None, list[Finding]]:
     findings: list[Finding] = []
 
@@ -269,29 +280,21 @@ def _inspect_case(
         data = _read(path, opened[path], error)
         if data is None:
             continue
-        _check_finite(path, data, error)
-        volumes = [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[3])]
-        info.percentiles.extend(_percentiles(v) for v in volumes)
+        if _check_finite(path, data, error) and statistics:
+            volumes = [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[3])]
+            info.percentiles.extend(_percentiles(v) for v in volumes)
     label_data = _read(label_path, label, error)
     if label_data is not None and _check_finite(label_path, label_data, error):
-        _check_labels(label_path, label_data, allowed, info, findings, error, names, index)
+        _check_labels(label_path, label_data, allowed, num_classes, info, findings, error, names, index)
     return info, findings
 
 
 def _open(path: str) -> tuple[Any, str | None]:
-    p = Path(path)
-    if not p.exists():
-        return None, "file not found"
-    if not p.is_file():
-        return None, "not a file"
+    """(the image, None), or (None, what is wrong with the file) without the path the finding adds."""
     try:
-        img = nib.load(str(p))
-    except Exception as exc:  # nibabel raises several types for foreign or damaged files
-        kind = "not a NIfTI file" if not path.endswith(NIFTI_SUFFIXES) else "not a readable NIfTI image"
-        return None, f"{kind} ({type(exc).__name__}: {_first_line(exc)})"
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        return None, f"not a NIfTI image (nibabel reads it as {type(img).__name__})"
-    return img, None
+        return load_nifti(path), None
+    except DataError as err:
+        return None, str(err).removeprefix(f"{path}: ")
 
 
 def _read(path: str, img: Any, error: Any) -> np.ndarray | None:
@@ -299,59 +302,95 @@ def _read(path: str, img: Any, error: Any) -> np.ndarray | None:
         if path.endswith(".gz"):
             # Decompress the whole stream, so gzip's CRC check runs: a reader that stops at the data's end
             # would miss damage it decodes into plausible-looking voxels.
-            img = type(img).from_bytes(gzip.decompress(Path(path).read_bytes()))
-        return np.asanyarray(img.dataobj)
-    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError: truncated or corrupt data
-        error(
-            path,
-            f"not a readable NIfTI image (truncated or corrupt data: {type(exc).__name__}: "
-            f"{_first_line(exc)})",
-        )
+            try:
+                img = type(img).from_bytes(gzip.decompress(Path(path).read_bytes()))
+            except Exception as exc:  # EOFError, zlib.error, OSError: truncated or corrupt gzip data
+                raise unreadable_nifti(
+                    path, f"truncated or corrupt data: {describe_exception(exc)}"
+                ) from None
+        return read_array(img, path)
+    except DataError as err:
+        error(path, str(err).removeprefix(f"{path}: "))
         return None
 
 
 def _check_finite(path: str, data: np.ndarray, error: Any) -> bool:
     if not np.issubdtype(data.dtype, np.floating):
         return True  # integers cannot hold NaN or Inf
+    # One pass without a temporary array: a sum in float64 is finite unless a value is NaN or infinite.
+    if math.isfinite(float(np.sum(data, dtype=np.float64))):
+        return True
     nan = int(np.isnan(data).sum())
     inf = int(np.isinf(data).sum())
     if nan or inf:
         error(path, f"has {nan} NaN and {inf} infinite voxel values; all values must be finite")
         return False
-    return True
+    return True  # finite values whose float64 sum overflows
 
 
 def _check_labels(
     path: str,
     data: np.ndarray,
     allowed: set[int] | None,
+    num_classes: int | None,
     info: CaseInfo,
     findings: list[Finding],
     error: Any,
     names: Mapping[str, str],
     index: int,
 ) -> None:
-    if np.issubdtype(data.dtype, np.floating):
-        rounded = np.round(data)
-        if not np.array_equal(rounded, data):
-            odd = data[rounded != data].ravel()[:3]
-            error(path, f"has non-integer label values (e.g. {', '.join(f'{v:g}' for v in odd)})")
-            return
-        data = rounded.astype(np.int64)
-    values, counts = np.unique(data, return_counts=True)
-    info.label_counts = {int(v): int(c) for v, c in zip(values, counts, strict=True)}
-    if allowed is not None:
-        extra = sorted(set(info.label_counts) - allowed)
-        if extra:
-            error(
-                path,
-                f"label values {', '.join(map(str, extra))} are not among the declared labels "
-                f"({', '.join(map(str, sorted(allowed)))})",
-            )
-    if set(info.label_counts) <= {0}:
+    counts, odd = label_value_counts(data)
+    if counts is None:
+        error(path, f"has non-integer label values (e.g. {', '.join(f'{v:g}' for v in odd)})")
+        return
+    info.label_counts = counts
+    extra = sorted(set(counts) - allowed) if allowed is not None else []
+    if extra:
+        error(
+            path,
+            f"label values {', '.join(map(str, extra))} are not among the declared labels "
+            f"({', '.join(map(str, sorted(allowed or ())))})",
+        )
+    beyond = sorted(v for v in counts if v not in extra and not 0 <= v < (num_classes or 0))
+    if num_classes is not None and beyond:
+        error(
+            path,
+            f"label values {', '.join(map(str, beyond))} are outside the model's classes "
+            f'0..{num_classes - 1}; declare every label (dataset.json "labels" or data.labels) and keep '
+            "model.out_channels=auto",
+        )
+    if set(counts) <= {0}:
         findings.append(
             Finding("warning", names.get(path, path), "all background (no labelled voxel)", index)
         )
+
+
+def label_value_counts(data: np.ndarray) -> tuple[dict[int, int] | None, list[float]]:
+    """Voxels per label value, or (None, a few offending values) when some values are not whole numbers.
+
+    Works in chunks with ``bincount`` where the values allow it: sorting a whole CT-sized label map (what
+    ``np.unique`` does) takes seconds, and converting it to int64 at once would take 8 bytes per voxel.
+    """
+    flat = np.ravel(data, order="K")  # nibabel's arrays are Fortran-ordered: a view, not a copy
+    if flat.dtype == np.bool_:
+        flat = flat.view(np.uint8)
+    counts: Counter[int] = Counter()
+    floating = np.issubdtype(flat.dtype, np.floating)
+    for start in range(0, flat.size, LABEL_CHUNK):
+        chunk = flat[start : start + LABEL_CHUNK]
+        if floating:
+            rounded = np.round(chunk)
+            if not np.array_equal(rounded, chunk):
+                return None, [float(v) for v in chunk[rounded != chunk][:3]]
+            chunk = rounded
+        low, high = int(chunk.min()), int(chunk.max())
+        if high - low < BINCOUNT_RANGE:
+            binned = np.bincount((chunk - low).astype(np.int64), minlength=high - low + 1)
+            counts.update({low + int(v): int(binned[v]) for v in np.flatnonzero(binned)})
+        else:
+            values, numbers = np.unique(chunk, return_counts=True)
+            counts.update({int(v): int(n) for v, n in zip(values, numbers, strict=True)})
+    return dict(sorted(counts.items())), []
 
 
 def _percentiles(volume: np.ndarray) -> list[float]:
@@ -473,8 +512,3 @@ def _as_list(value: Any) -> list[str]:
 
 def _fmt(shape: Sequence[int]) -> str:
     return "×".join(str(int(s)) for s in shape)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -24,11 +24,11 @@ from typing import Any
 
 from seglight.data.remote import RemoteCache, is_remote, join_path
 from seglight.errors import ConfigError, DataError
+from seglight.io import NIFTI_SUFFIXES
 
 Case = dict[str, Any]
 IMAGE, LABEL = "image", "label"
 LAYOUTS = ("auto", "msd", "nnunet", "folder")
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 ID_FIELDS = ("case_id", "id")  # an entry's own name for its case, which always wins
 # nnU-Net's channel suffix: case_0000.nii.gz, case_0001.nii.gz are channels 0 and 1 of the case "case".
 CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
@@ -86,7 +86,7 @@ def read_nnunet_datalist(
     if missing:
         raise DataError(f"{index}: nnU-Net dataset.json lacks {', '.join(map(repr, missing))}")
     ending = str(meta["file_ending"])
-    if ending not in NIFTI_ENDINGS:
+    if ending not in NIFTI_SUFFIXES:
         raise DataError(f"{index}: file_ending {ending!r} is not supported; seglight reads .nii.gz and .nii")
     channels = sorted(int(c) for c in meta["channel_names"])
     if "dataset" in meta:  # nnU-Net's explicit form: {case: {"images": [...], "label": ...}}

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seglight.data.datalists import IMAGE, LABEL, NIFTI_ENDINGS, Case, assign_case_ids
+from seglight.data.datalists import IMAGE, LABEL, Case, assign_case_ids
 from seglight.data.remote import RemoteCache, is_remote, join_path
 from seglight.errors import ConfigError, DataError
+from seglight.io import is_nifti
 
 DEFAULT_IMAGE_PATTERN = "*/img.nii.gz"
 DEFAULT_LABEL_PATTERN = "*/label.nii.gz"
@@ -234,12 +235,6 @@ def group_channel_files(files: Sequence[str], channels: int | None = None) -> li
     return [
         (case, g[0] if count == 1 else [g[c] for c in range(count)]) for case, g in sorted(groups.items())
     ]
-
-
-def is_nifti(path: str) -> bool:
-    """Whether a file name ends like a NIfTI image (and is not hidden)."""
-    name = str(path).rstrip("/").rsplit("/", 1)[-1]
-    return name.endswith(NIFTI_ENDINGS) and not name.startswith(".")
 
 
 def _one(found: list[str], pattern: CasePattern, what: str, issues: list[str], required: bool) -> str | None:

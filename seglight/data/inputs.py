@@ -15,7 +15,6 @@ from typing import Any
 from seglight.data.datalists import (
     IMAGE,
     LABEL,
-    NIFTI_ENDINGS,
     Case,
     assign_case_ids,
     case_id_of,
@@ -30,11 +29,11 @@ from seglight.data.folders import (
     DEFAULT_IMAGE_PATTERN,
     DEFAULT_LABEL_PATTERN,
     group_channel_files,
-    is_nifti,
     read_folder_cases,
 )
 from seglight.data.remote import RemoteCache, is_remote, join_path
 from seglight.errors import DataError
+from seglight.io import NIFTI_SUFFIXES, is_nifti
 
 
 @dataclass
@@ -88,7 +87,7 @@ def list_inputs(
         text = str(path.resolve())
     elif not store.exists(text):
         raise DataError(f"input={source}: no such object or prefix")
-    if text.endswith(NIFTI_ENDINGS):
+    if text.lower().endswith(NIFTI_SUFFIXES):
         return [InputCase(case_id_of(text), text)]
     if text.lower().endswith((".json", ".csv")):
         return _datalist_inputs(text, data, datalist_key, store)

@@ -18,7 +18,6 @@ import logging
 import os
 import posixpath
 import re
-import secrets
 import shutil
 import threading
 from collections.abc import Iterable, Sequence
@@ -27,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seglight.data.cache_files import record_use
 from seglight.errors import ConfigError, DataError
+from seglight.io import atomic_path
 
 log = logging.getLogger("seglight")
 
@@ -222,6 +223,7 @@ class RemoteCache:
         size = info.get("size")
         dest = self.local_path(url, info)
         if _complete(dest, size):
+            record_use(dest)
             return dest
         from filelock import FileLock
 
@@ -277,16 +279,15 @@ class RemoteCache:
     def _download(self, fs: Any, rpath: str, url: str, dest: Path, size: int | None, callback: Any) -> None:
         from fsspec.callbacks import NoOpCallback
 
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(rpath, str(tmp), callback=callback or NoOpCallback())
-            got = tmp.stat().st_size if tmp.exists() else 0
-            if size is not None and got != size:
-                raise RemoteError(f"{url}: download incomplete ({got} of {size} bytes); run again to retry")
-            os.replace(tmp, dest)
+            with atomic_path(dest, durable=False) as tmp:  # a lost copy is fetched again
+                fs.get_file(rpath, str(tmp), callback=callback or NoOpCallback())
+                got = tmp.stat().st_size if tmp.exists() else 0
+                if size is not None and got != size:
+                    raise RemoteError(
+                        f"{url}: download incomplete ({got} of {size} bytes); run again to retry"
+                    )
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
             _remove_empty(dest.parent, self.cache_dir)
             if isinstance(exc, RemoteError) or not isinstance(exc, Exception):
                 raise

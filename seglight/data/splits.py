@@ -8,7 +8,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from seglight.errors import ConfigError
-from seglight.utils import atomic_write_text
+from seglight.io import atomic_write_text
 
 Fold = dict[str, list[str]]
 

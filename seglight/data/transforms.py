@@ -9,7 +9,10 @@ import torch
 from monai import transforms as mt
 from monai.transforms.utils import map_spatial_axes
 
-from seglight.errors import DataError
+from seglight.io import describe_exception, load_nifti, unreadable_nifti
+
+# The size every volume is resized to in resize mode (x, y, z): the reference lab's.
+DEFAULT_SPATIAL_SIZE = (128, 128, 64)
 
 
 class LoadCased(mt.MapTransform):
@@ -25,14 +28,14 @@ class LoadCased(mt.MapTransform):
             try:
                 d = self.loaders[key](d)
             except Exception as exc:
-                raise DataError(f"{_paths(d[key])}: not a readable NIfTI image ({_root_cause(exc)})") from exc
+                raise unreadable_nifti(_paths(d[key]), _root_cause(exc)) from exc
         return d
 
 
 def deterministic_transforms(
     image_key: str = "image",
     label_key: str | None = "label",
-    spatial_size: Sequence[int] = (128, 128, 64),
+    spatial_size: Sequence[int] = DEFAULT_SPATIAL_SIZE,
     a_min: float = -1000.0,
     a_max: float = 1000.0,
     orientation: str | None = "RAS",
@@ -179,10 +182,9 @@ class RandFlipd(mt.RandFlipd):
 
 def oriented_geometry(path: str, orientation: str | None = "RAS") -> tuple[list[int], list[float]]:
     """(shape, spacing in mm) of a NIfTI image as the pipeline sees it after reorientation, from its header."""
-    import nibabel as nib
     from nibabel import orientations as no
 
-    image = nib.load(path)
+    image = load_nifti(path)
     shape = [int(n) for n in image.shape[:3]]
     zooms = [float(z) for z in image.header.get_zooms()[:3]]
     if not orientation:
@@ -212,5 +214,4 @@ def _root_cause(exc: BaseException) -> str:
     cause: BaseException = exc
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0] if lines else 'unknown error'}"
+    return describe_exception(cause)

@@ -1,0 +1,415 @@
+"""What a run prints: seglight's notices without the libraries' noise, a progress bar in a terminal, and one line
+per epoch where the output goes to a log (CI, nohup, SLURM, SageMaker/CloudWatch).
+
+Entry points call ``setup()`` first. Known noise is dropped by exact message and issuing module only (a deprecation
+that MONAI or Lightning raise inside their own code, an advertisement, a hint about a loader seglight chose on
+purpose); every other warning still shows, once, as one log line that also lands in the run's log file.
+``hydra.verbose=true`` (or ``SEGLIGHT_VERBOSE=1`` for any entry point) shows everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+log = logging.getLogger("seglight")
+
+VERBOSE_ENV = "SEGLIGHT_VERBOSE"
+# A record carrying this attribute goes to the log file but not to the console (the progress bar shows it there).
+FILE_ONLY = "seglight_file_only"
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+@dataclass(frozen=True)
+class Noise:
+    """A known message that says nothing to a seglight user: its text (a regex matched at its start), the module
+    that issues it, and why it is dropped."""
+
+    message: str
+    module: str
+    why: str
+
+
+# Python warnings, matched as ``warnings.filterwarnings`` matches them (message start, issuing module).
+WARNING_NOISE: tuple[Noise, ...] = (
+    Noise(
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        r"lightning\.pytorch\.utilities\._pytree",
+        "Lightning's own pytree helper builds torch's deprecated LeafSpec, twice per validation",
+    ),
+    Noise(
+        r"monai\.metrics\.utils get_mask_edges:always_return_as_numpy: Argument `always_return_as_numpy`",
+        r"monai\.utils\.deprecate_utils",
+        "MONAI's surface-distance code (HD95, NSD) passes the argument MONAI deprecated, once per case",
+    ),
+    Noise(
+        r"The '\w+' does not have many workers",
+        r"lightning\.pytorch\.trainer\.connectors\.data_connector",
+        "seglight picks the loaders: a thread over cached cases, worker processes clamped to the CPUs",
+    ),
+    Noise(
+        r"The number of training batches \(\d+\) is smaller than the logging interval",
+        r"lightning\.pytorch\.loops\.fit_loop",
+        "seglight logs once per epoch, not every log_every_n_steps",
+    ),
+)
+# Expected when a run continues in its own folder: the checkpoints there are the ones it continues from.
+RESUME_NOISE = Noise(
+    r"Checkpoint directory .* exists and is not empty",
+    r"lightning\.pytorch\.callbacks\.model_checkpoint",
+    "a resumed run writes into the checkpoint folder it resumes from",
+)
+# Log records (logger name prefix, message regex).
+LOG_NOISE: tuple[tuple[str, str], ...] = (
+    ("lightning", r"💡 Tip: For seamless cloud (logging|uploads)"),  # litlogger / litmodels advertisements
+    (
+        "lightning",
+        r"GPU available: False, used: False$",
+    ),  # seglight's own CPU notice says it, with what it does
+    ("lightning", r"TPU available: False, using: 0 TPU cores$"),
+    # A first run in an MLflow store creates its experiment, as it should; seglight names the store itself.
+    ("lightning.pytorch.loggers.mlflow", r"Experiment with name .* not found\. Creating it\.$"),
+)
+# Libraries that log their start-up at INFO: shown from WARNING on (alembic: plugin set-up and every migration of
+# a fresh MLflow sqlite store; MLflow: "Creating initial MLflow database tables").
+QUIET_LOGGERS = ("alembic", "mlflow.store", "mlflow.tracking._tracking_service")
+
+_original_showwarning = warnings.showwarning
+
+
+def _quiet_startup_loggers(quiet: bool) -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
+
+
+# Already on import: the entry points import this module before Hydra sets up logging, and what Hydra imports
+# while it starts (its callbacks import MONAI, which imports Optuna, which imports alembic) logs at that point.
+_quiet_startup_loggers(os.environ.get(VERBOSE_ENV, "").strip().lower() in ("", "0", "false", "no", "off"))
+
+
+def wants_everything() -> bool:
+    """Whether the user asked to see everything: ``hydra.verbose`` set, or ``SEGLIGHT_VERBOSE=1``."""
+    env = os.environ.get(VERBOSE_ENV, "").strip().lower()
+    if env:
+        return env not in ("0", "false", "no", "off")
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.initialized() and bool(HydraConfig.get().verbose)
+    except Exception:
+        return False
+
+
+def setup(verbose: bool | None = None) -> bool:
+    """Prepare this process's console for a seglight entry point; returns whether everything is shown.
+
+    Idempotent (a sweep calls it once per job, after Hydra has set up each job's log file). Outside a Hydra app
+    (a script, ``python -m seglight.viz``) seglight's own lines are sent to stdout.
+    """
+    verbose = wants_everything() if verbose is None else bool(verbose)
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
+    _route_lightning_to_root(root)
+    # Warnings become one log line each (console and the run's log file), and each distinct one shows once.
+    warnings.showwarning = _log_warning
+    once = _add_filter_once(logging.getLogger("py.warnings"), _Once)
+    once.seen.clear()  # each job of a sweep has its own log file, which shows its warnings again
+    for handler in root.handlers:
+        if not verbose:
+            _add_filter_once(handler, _LibraryNoise)
+        if not isinstance(handler, logging.FileHandler):
+            _add_filter_once(handler, _ConsoleOnly)
+    if not verbose:
+        for noise in WARNING_NOISE:
+            _ignore(noise)
+    _quiet_startup_loggers(not verbose)
+    return verbose
+
+
+def resuming() -> None:
+    """Drop the warnings a run that continues in its own folder triggers by design (unless verbose)."""
+    if not wants_everything():
+        _ignore(RESUME_NOISE)
+
+
+def _ignore(noise: Noise) -> None:
+    warnings.filterwarnings("ignore", message=noise.message, category=Warning, module=noise.module)
+
+
+def _route_lightning_to_root(root: logging.Logger) -> None:
+    """Send Lightning's messages through the handlers the entry point set up (format, log file) instead of the
+    stderr handlers Lightning adds for itself when it is imported before logging is configured."""
+    if not root.handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: Any = None,
+) -> None:
+    """``warnings.showwarning`` as one log line: category, message, where it was raised."""
+    if file is not None:  # a caller asked for a particular stream
+        _original_showwarning(message, category, filename, lineno, file, line)
+        return
+    where = re.sub(r"^.*[/\\](site|dist)-packages[/\\]", "", filename)
+    text = " ".join(str(message).split())
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, text, where, lineno)
+
+
+class _Once(logging.Filter):
+    """Each distinct warning once (per job of a sweep): libraries reset Python's own once-per-place memory whenever
+    they use ``warnings.catch_warnings``, so the same warning would otherwise repeat every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
+
+
+class _LibraryNoise(logging.Filter):
+    """Drops the known log records of ``LOG_NOISE``."""
+
+    patterns = tuple((prefix, re.compile(message)) for prefix, message in LOG_NOISE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("lightning"):
+            return True
+        text = record.getMessage()
+        return not any(record.name.startswith(p) and rx.match(text) for p, rx in self.patterns)
+
+
+class _ConsoleOnly(logging.Filter):
+    """On console handlers: drops records meant for the log file only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, FILE_ONLY, False)
+
+
+def _add_filter_once(target: logging.Filterer, kind: type[logging.Filter]) -> Any:
+    """The ``kind`` filter of ``target``, added if it has none yet."""
+    for existing in target.filters:
+        if isinstance(existing, kind):
+            return existing
+    new = kind()
+    target.addFilter(new)
+    return new
+
+
+# -- what the trainer shows ------------------------------------------------------------------------------------
+
+
+def interactive() -> bool:
+    """Whether a person watches the output live: stdout is a terminal, or this is a Jupyter kernel."""
+    try:
+        if sys.stdout is not None and sys.stdout.isatty():
+            return True
+    except (AttributeError, ValueError):
+        pass
+    return "ipykernel" in sys.modules
+
+
+def trainer_output(
+    trainer_cfg: dict[str, Any], callbacks: Iterable[Callback]
+) -> tuple[dict[str, Any], list[Callback]]:
+    """The trainer arguments and callbacks for what a run shows.
+
+    ``enable_progress_bar`` null (the default) means a progress bar where a person watches (a terminal, Jupyter)
+    and one line per epoch elsewhere; true or false is the user's choice and wins. The epoch lines always go to
+    the run's log file. Lightning's model summary becomes seglight's one line.
+    """
+    cfg = dict(trainer_cfg)
+    callbacks = list(callbacks)
+    bar = cfg.get("enable_progress_bar")
+    if bar is None or str(bar).lower() == "auto":
+        bar = interactive()
+    cfg["enable_progress_bar"] = bool(bar)
+    if not any(isinstance(c, EpochLog) for c in callbacks):
+        callbacks.append(EpochLog(console=not bar))
+    if cfg.get("enable_model_summary", True) and not any(
+        isinstance(c, LightningModelSummary) for c in callbacks
+    ):
+        callbacks.append(ModelSummary())
+    cfg["enable_model_summary"] = False  # the summary, if any, is in the callbacks now
+    return cfg, callbacks
+
+
+class ModelSummary(LightningModelSummary):
+    """Lightning's model summary as one log line; FLOPs only when Lightning could measure them (it needs the
+    module's ``example_input_array``, which a network sized from the data has not)."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        columns = dict(summary_data)
+        parts = [
+            f"{name} {kind} {params.strip()}"
+            for name, kind, params in zip(columns["Name"], columns["Type"], columns["Params"], strict=True)
+        ]
+        frozen = total_parameters - trainable_parameters
+        line = (
+            f"Model summary: {', '.join(parts)}; {_count(trainable_parameters)} trainable, "
+            f"{_count(frozen)} frozen parameters ({model_size:.1f} MB)"
+        )
+        if total_flops:
+            line += f", {_count(total_flops)} FLOPs per forward pass"
+        log.info(line)
+
+
+def _count(number: int) -> str:
+    return get_human_readable_count(int(number)).strip()
+
+
+class EpochLog(Callback):
+    """One line per epoch, and one per validation, through the ``seglight`` logger (rank 0).
+
+    ``Epoch 3/10 Loss/train=0.2789 Dice/val=0.7845 Dice/val/organ=0.8012 Dice/val/cyst=0.7678 HD95/val=4.21
+    lr=1.00e-04 time=12.3s eta=1m26s``: per-label Dice with several labels, HD95/NSD when computed, the learning
+    rate at the epoch's start, the epoch's wall time (validation included) and the time left at this session's
+    mean epoch time. Epochs count from 1 here (checkpoint names count from 0, as Lightning does). A validation adds
+    ``Validation 3/10: 6 cases in 1.4s`` before its epoch's line. With ``console=False`` (a progress bar shows
+    the same) the lines go to the log file only.
+    """
+
+    VALIDATION_METRICS = ("Dice/val", "HD95/val", "NSD/val")
+
+    def __init__(self, console: bool = True) -> None:
+        self.console = console
+        self._epoch_started = 0.0
+        self._durations: list[float] = []
+        self._lr: float | None = None
+        self._validation: dict[str, float] = {}
+        self._val_started = 0.0
+        self._val_cases = 0
+
+    def _emit(self, trainer: L.Trainer, message: str) -> None:
+        if trainer.is_global_zero:
+            log.info(message, extra={FILE_ONLY: not self.console})
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_started = time.monotonic()
+        self._validation = {}
+        optimizers = trainer.optimizers
+        self._lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_started = time.monotonic()
+        self._val_cases = 0
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        image = batch.get("image") if isinstance(batch, dict) else None
+        self._val_cases += len(image) if image is not None else 1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        self._validation = {
+            name: float(value)
+            for name, value in metrics.items()
+            if any(name == m or name.startswith(m + "/") for m in self.VALIDATION_METRICS)
+        }
+        cases = f"{self._val_cases} case{'s' if self._val_cases != 1 else ''}"
+        if trainer.world_size > 1:
+            cases += " on rank 0"
+        elapsed = time.monotonic() - self._val_started
+        self._emit(trainer, f"Validation {self._epoch_label(trainer)}: {cases} in {duration(elapsed)}")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        elapsed = time.monotonic() - self._epoch_started
+        self._durations.append(elapsed)
+        parts = [f"Epoch {self._epoch_label(trainer)}"]
+        loss = trainer.callback_metrics.get("Loss/train")
+        if loss is not None:
+            parts.append(f"Loss/train={float(loss):.4f}")
+        parts.extend(self._validation_fields())
+        if self._lr is not None:
+            parts.append(f"lr={self._lr:.2e}")
+        parts.append(f"time={duration(elapsed)}")
+        left = self._epochs_left(trainer)
+        if left is not None:
+            parts.append(f"eta={duration(left * sum(self._durations) / len(self._durations))}")
+        self._emit(trainer, " ".join(parts))
+
+    def _validation_fields(self) -> list[str]:
+        values = self._validation
+        fields = []
+        for name in self.VALIDATION_METRICS:
+            if name in values:
+                digits = 2 if name.startswith("HD95") else 4
+                fields.append(f"{name}={values[name]:.{digits}f}")
+            per_label = sorted(k for k in values if k.startswith(name + "/"))
+            if len(per_label) > 1:  # one foreground label: its value is the mean already shown
+                digits = 2 if name.startswith("HD95") else 4
+                fields.extend(f"{k}={values[k]:.{digits}f}" for k in per_label)
+        return fields
+
+    @staticmethod
+    def _epoch_label(trainer: L.Trainer) -> str:
+        total = trainer.max_epochs
+        number = trainer.current_epoch + 1
+        return f"{number}/{total}" if total is not None and total > 0 else str(number)
+
+    @staticmethod
+    def _epochs_left(trainer: L.Trainer) -> int | None:
+        total = trainer.max_epochs
+        if total is None or total < 0:
+            return None
+        return max(0, total - trainer.current_epoch - 1)
+
+
+def duration(seconds: float) -> str:
+    """A short wall time without spaces (so a log line splits on spaces): ``12.3s``, ``4m05s``, ``2h03m``."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

@@ -1,0 +1,82 @@
+"""Callbacks that tests plug into real runs through the config (``+callbacks.<name>={_target_: tests.callbacks...}``).
+
+They observe or act as a user's own callback would; none of them changes what seglight computes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class RecordSamples(L.Callback):
+    """Writes ``<dirpath>/samples-rank<r>-<stage>.json``: the cases of every training step with whether each was
+    flipped, and the cases each validation step scored (placeholders as "").
+
+    A flip is told by comparing the batch with the case's cached, unaugmented volume (``data.cache=memory``).
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.train: list[list[Any]] = []
+        self.val: list[list[Any]] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        cached = {item["case_id"]: item["image"] for item in trainer.datamodule.train_ds.data}
+        for i, case in enumerate(batch["case_id"]):
+            image, reference = batch["image"][i].cpu(), cached[case]
+            flipped = (
+                False
+                if torch.equal(image, reference)
+                else True
+                if torch.equal(image, torch.flip(reference, dims=[1]))
+                else None
+            )
+            self.train.append([trainer.current_epoch, trainer.global_step, case, flipped])
+
+    def on_validation_batch_start(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self.val.append([trainer.current_epoch, *batch["case_id"]])
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "train": self.train,
+            "val": self.val,
+        }
+        (
+            self.dirpath / f"samples-rank{trainer.global_rank}-{getattr(stage, 'value', stage)}.json"
+        ).write_text(json.dumps(record))
+
+
+class SignalAtStep(L.Callback):
+    """Sends the signal ``name`` to this process once, right after the optimizer step that makes ``global_step == step``."""
+
+    def __init__(self, step: int, name: str = "SIGTERM") -> None:
+        self.step = int(step)
+        self.signum = getattr(signal, name)
+        self._sent = False
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._sent and trainer.global_step == self.step:
+            self._sent = True
+            os.kill(os.getpid(), self.signum)

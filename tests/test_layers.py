@@ -1,0 +1,220 @@
+"""The package's shape: imports run one way (no cycle; the LightningModule does not depend on prediction), and each
+concern that used to be duplicated lives in one place."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "seglight"
+# What the LightningModule must work without: a module that imports any of these depends on prediction.
+PREDICTION_SIDE = (
+    "seglight.inference",
+    "seglight.predict",
+    "seglight.evaluate",
+    "seglight.evaluation",
+    "seglight.viz",
+    "seglight.pictures",
+    "seglight.builder",
+)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+SOURCES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_modules(name: str) -> set[str]:
+    """seglight modules that ``name`` imports anywhere in its code, inside functions too (not for type checking)."""
+    tree = ast.parse(SOURCES[name].read_text())
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {m for m in found if m in SOURCES and m != name}
+
+
+GRAPH = {name: imported_modules(name) for name in SOURCES}
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, as the list of modules around it, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for other in sorted(graph[node]):
+            if state.get(other) == 1:
+                return path[path.index(other) :] + [other]
+            if other not in state and (found := visit(other)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def dependency_order(graph: dict[str, set[str]]) -> list[str]:
+    order: list[str] = []
+    done: set[str] = set()
+
+    def visit(node: str) -> None:
+        if node in done:
+            return
+        done.add(node)
+        for other in sorted(graph[node]):
+            visit(other)
+        order.append(node)
+
+    for node in sorted(graph):
+        visit(node)
+    return order
+
+
+def test_imports_run_one_way() -> None:
+    assert cycle(GRAPH) is None, " -> ".join(cycle(GRAPH) or [])
+    reachable: set[str] = set()
+    pending = ["seglight.module"]
+    while pending:
+        for other in GRAPH[pending.pop()] - reachable:
+            reachable.add(other)
+            pending.append(other)
+    assert not reachable & set(PREDICTION_SIDE), sorted(reachable & set(PREDICTION_SIDE))
+
+
+def test_every_module_imports_in_dependency_order_in_a_fresh_interpreter() -> None:
+    order = dependency_order(GRAPH)
+    code = (
+        "import importlib, json, sys\n"
+        "import seglight.module\n"
+        "after_module = sorted(m for m in sys.modules if m.startswith('seglight'))\n"
+        f"for name in {order!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(after_module))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert "seglight.module" in loaded and not loaded & set(PREDICTION_SIDE), sorted(loaded)
+
+
+@functools.cache
+def definitions() -> dict[str, list[str]]:
+    """Top-level function, class and constant names -> the modules that define them."""
+    found: dict[str, list[str]] = {}
+    for name, path in SOURCES.items():
+        for node in ast.parse(path.read_text()).body:
+            names: list[str] = []
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = [node.target.id]
+            for defined in names:
+                found.setdefault(defined, []).append(name)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("helper", "home"),
+    [
+        ("safe_load", "seglight.checkpointing"),
+        ("load_nifti", "seglight.io"),
+        ("NIFTI_SUFFIXES", "seglight.io"),
+        ("atomic_write_text", "seglight.io"),
+        ("atomic_path", "seglight.io"),
+        ("spacing_from_affine", "seglight.io"),
+        ("plain", "seglight.utils"),
+        ("hd95_mm", "seglight.metrics"),
+        ("predict_volume", "seglight.inference"),
+        ("DEFAULT_SPATIAL_SIZE", "seglight.data.transforms"),
+        ("DEFAULT_PATCH", "seglight.data.datamodule"),
+        ("DEFAULT_INFERENCE", "seglight.module"),
+        ("DEFAULT_COMPUTE", "seglight.networks"),
+    ],
+)
+def test_each_helper_is_defined_once(helper: str, home: str) -> None:
+    assert definitions().get(helper) == [home]
+
+
+def test_the_old_duplicates_are_gone() -> None:
+    names = definitions()
+    for gone in ("_plain", "voxel_spacing", "_spacing", "predicted_labels", "activate", "NIFTI_ENDINGS"):
+        assert gone not in names, (gone, names.get(gone))
+    methods = {
+        node.name
+        for node in ast.walk(ast.parse(SOURCES["seglight.module"].read_text()))
+        if isinstance(node, ast.FunctionDef)
+    }
+    assert {"probabilities", "labels"} <= methods
+    assert not methods & {"binarize", "one_hot", "labels_from_logits", "predict_volume"}
+
+
+@functools.cache
+def calls(name: str) -> set[str]:
+    """The functions ``name`` calls, as written (``torch.load``, ``nib.save``...)."""
+    tree = ast.parse(SOURCES[name].read_text())
+    return {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+
+
+@pytest.mark.parametrize(
+    ("function", "allowed"),
+    [
+        ("nib.load", {"seglight.io"}),  # the one NIfTI loader
+        (
+            "torch.load",
+            {"seglight.checkpointing", "seglight.data.cache"},
+        ),  # checkpoints; preprocessed entries
+        # atomic files; the demo's folder swap; a cache lease, renamed into place while locked
+        ("os.replace", {"seglight.io", "seglight.data.demo", "seglight.data.cache_files"}),
+        ("tempfile.mkstemp", set()),
+    ],
+)
+def test_each_reader_and_writer_is_in_one_place(function: str, allowed: set[str]) -> None:
+    users = {name for name in SOURCES if function in calls(name)}
+    assert users <= allowed, sorted(users - allowed)
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed"),
+    [
+        ("not a readable NIfTI image", {"seglight.io"}),  # the one message
+        ("128, 128, 64", {"seglight.data.transforms"}),  # the one default size
+    ],
+)
+def test_each_message_and_default_is_in_one_place(text: str, allowed: set[str]) -> None:
+    users = {name for name, path in SOURCES.items() if text in path.read_text()}
+    assert users <= allowed, sorted(users - allowed)
+
+
+def test_the_builder_asks_the_data_module_instead_of_probing_it() -> None:
+    source = SOURCES["seglight.builder"].read_text()
+    for probe in ("getattr(datamodule", "read_cases(", "oriented_geometry", "nib.", "datamodule.mode"):
+        assert probe not in source, probe
+    assert "datamodule.network_input()" in source
