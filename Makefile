@@ -31,7 +31,12 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install "torch>=2.2"; \
 	else \
 		echo "seglight: no NVIDIA GPU found: installing PyTorch's CPU build (torch==$(TORCH_CPU_VERSION))"; \
-		$(PY) -m pip install "torch==$(TORCH_CPU_VERSION)" --extra-index-url "$(TORCH_CPU_INDEX)"; \
+		if $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/', timeout=5)" 2>/dev/null; then \
+			$(PY) -m pip install "torch==$(TORCH_CPU_VERSION)" --extra-index-url "$(TORCH_CPU_INDEX)"; \
+		else \
+			echo "seglight: $(TORCH_CPU_INDEX) is not reachable: torch==$(TORCH_CPU_VERSION) from the default index"; \
+			$(PY) -m pip install "torch==$(TORCH_CPU_VERSION)"; \
+		fi; \
 	fi
 	$(PY) -m pip install -e .
 	touch $@

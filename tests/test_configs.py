@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from seglight import compose
 from seglight.builder import fall_back_to_cpu
+from seglight.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = [
@@ -91,9 +92,14 @@ def test_cpu_fallback_without_cuda(caplog: pytest.LogCaptureFixture) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the fallback does not apply")
-    cfg = fall_back_to_cpu({"accelerator": "gpu", "devices": 1, "precision": "16-mixed", "strategy": "ddp"})
-    assert cfg["accelerator"] == "cpu" and cfg["precision"] == "32" and "strategy" not in cfg
+    cfg = fall_back_to_cpu({"accelerator": "gpu", "devices": 1, "precision": "16-mixed"})
+    assert cfg["accelerator"] == "cpu" and cfg["precision"] == "32" and cfg["devices"] == 1
     assert any("No CUDA GPU found" in r.getMessage() for r in caplog.records)
+    # trainer=ddp stays data-parallel: CPU processes over gloo (a rehearsal of a GPU run); FSDP is refused.
+    ddp = fall_back_to_cpu({"accelerator": "gpu", "devices": 2, "precision": "16-mixed", "strategy": "ddp"})
+    assert (ddp["accelerator"], ddp["devices"], ddp["precision"], ddp["strategy"]) == ("cpu", 2, "32", "ddp")
+    with pytest.raises(ConfigError, match="trainer=fsdp needs CUDA GPUs"):
+        fall_back_to_cpu({"accelerator": "gpu", "devices": 1, "strategy": "fsdp"})
     assert fall_back_to_cpu({"accelerator": "cpu", "precision": "16-mixed"})["precision"] == "32"
     assert fall_back_to_cpu({"accelerator": "cpu", "precision": "bf16-mixed"})["precision"] == "bf16-mixed"
 
@@ -233,6 +239,9 @@ def test_every_target_config_instantiates_as_hydra_users_would(
                 optimizer=optimizer
             )  # `auto` lengths filled, as SegModule.configure_optimizers does
             assert lightning_options["interval"] in ("epoch", "step")
+    elif group == "trainer" and option == "fsdp" and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="trainer=fsdp needs CUDA GPUs"):  # one line, before any work
+            fall_back_to_cpu(OmegaConf.to_container(cfg.trainer, resolve=True))
     elif group == "trainer":
         trainer_cfg = fall_back_to_cpu(OmegaConf.to_container(cfg.trainer, resolve=True))
         assert type(instantiate(trainer_cfg, logger=False)).__name__ == "Trainer"

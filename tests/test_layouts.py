@@ -224,5 +224,5 @@ def test_fold_options_compose_from_the_command_line(tmp_path: Path) -> None:
     cfg = compose(["data=msd", "data.root=/x", "data.fold=2"], output_dir=tmp_path)
     assert cfg.data.fold == 2 and cfg.data.num_folds == 5
     assert cfg.data.splits_path == str(tmp_path.resolve() / "splits.json")
-    assert cfg.data.cache in ("memory", "disk") and cfg.data.on_bad_case == "error"
+    assert cfg.data.cache in ("auto", "memory", "disk") and cfg.data.on_bad_case == "error"
     assert cfg.data.remote.cache_dir.endswith("remote") and cfg.data.remote.endpoint_url is None

@@ -407,10 +407,14 @@ def test_channel_layouts_are_detected(tmp_path: Path) -> None:
     renamed = make_subject_folders(tmp_path / "renamed", ["a", "b"], files)
     got = overrides_for([], tmp_path, {"training": renamed})
     assert (got["data.image_pattern"], got["data.label_pattern"]) == ("*/ct.nii.gz", "*/ct_seg.nii.gz")
+    single = tmp_path / "single"  # a validation channel with one datalist beside subject folders for training
+    for folder in ("images", "masks"):
+        shutil.copytree(lab / folder, single / folder)
+    (single / "val.json").write_text(json.dumps(entries))
     with pytest.raises(
         ConfigError, match=r"validation channel .* holds a datalist but the training channel a folder"
     ):
-        overrides_for(["--data.datalist", "x"], tmp_path, {"training": subjects, "validation": lab})
+        overrides_for([], tmp_path, {"training": subjects, "validation": single})
     junk = tmp_path / "junk"
     (junk / "notes").mkdir(parents=True)
     (junk / "readme.txt").write_text("x")

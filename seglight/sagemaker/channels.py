@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seglight.data.datalists import NIFTI_ENDINGS
 from seglight.errors import DataError
+from seglight.io import is_nifti
 
 # Keys a datalist may use for the image and the label, most usual first (the lab writes "mask").
 IMAGE_KEYS = ("image", "img", "images", "scan", "volume")
@@ -102,7 +102,7 @@ def subject_folders(folder: Path) -> dict[str, list[str]]:
     """Case folders directly under ``folder`` that hold NIfTI files -> those files' names."""
     found = {}
     for case in sorted(p for p in _visible(folder) if p.is_dir()):
-        names = sorted(p.name for p in _visible(case) if p.is_file() and p.name.endswith(NIFTI_ENDINGS))
+        names = sorted(p.name for p in _visible(case) if p.is_file() and is_nifti(p))
         if names:
             found[case.name] = names
     return found
