@@ -137,6 +137,8 @@ def run(
         spread=spread(speedups),
         notes=setting + (f"; not reached in some runs by: {', '.join(missed)}" if missed else ""),
     )
+    # The split files lived in the temporary folder: the figures keep the histories only.
+    ours = [{k: v for k, v in o.items() if k != "split"} for o in ours]
     details = {"setting": setting, "seglight": ours, "lab": labs}
     return [row], details
 

@@ -8,7 +8,7 @@ processes share:
   node and again after the job is requeued, so ``resume=true`` finds its checkpoint.
 - torchrun on one node: the time torchrun was started (its agent is the parent of every worker).
 - torchrun on several nodes: ``torchrun-<rendezvous id>`` (``torchrun --rdzv-id``); without one, there is
-  nothing the nodes share and ``seglight.distributed.check_run_folder`` asks for ``hydra.run.dir``.
+  nothing the nodes share and ``seglight.distributed.launch_problem`` asks for ``hydra.run.dir``.
 - anything else: now. (Lightning's own launcher hands its run folder to the processes it starts.)
 """
 

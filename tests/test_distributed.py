@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY_SHAPE, TINY_SIZE, run_cli
+from tests.helpers import REPO, TINY_SHAPE, TINY_SIZE, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +40,6 @@ def overrides(run_dir: Path | None, *extra: str) -> list[str]:
         "~callbacks.progress_plot",
     ]
     return [*base, *extra] + ([f"hydra.run.dir={run_dir}"] if run_dir is not None else [])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def environment(cache: Path) -> dict[str, str]:
