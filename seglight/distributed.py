@@ -78,6 +78,19 @@ def join_run() -> None:
     quiet_other_ranks(env_rank())
 
 
+def leave_run() -> None:
+    """Once a run is over: leave torch.distributed's process group, if this process joined one.
+
+    PyTorch asks every program that initialised torch.distributed to destroy its group; left to the interpreter's
+    shutdown, gloo's threads can abort the process (SIGABRT) after all the work is done, turning a finished run's
+    exit status into a failure.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def resume_requested(resume: bool, ckpt_path: str | None) -> bool:
     """``resume``, or true in a job that SLURM requeued: starting over in its run folder would lose its progress."""
     if resume or ckpt_path or not requeued():

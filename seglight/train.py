@@ -15,7 +15,7 @@ from seglight import console
 from seglight.builder import build
 from seglight.callbacks import signal_handlers_kept
 from seglight.checkpointing import checkpoint_dir, resolve_checkpoint
-from seglight.distributed import join_run, resume_requested, stop_unless_launchable
+from seglight.distributed import join_run, leave_run, resume_requested, stop_unless_launchable
 from seglight.errors import reported_errors
 from seglight.evaluation import evaluate_after_training
 from seglight.report import describe_model, write_run_info, write_summary
@@ -51,13 +51,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except SIGTERMException:
         # SIGTERM or Ctrl-C: seglight.callbacks.Preemption saved last.ckpt and set the exit status (143/130).
         write_summary(trainer, cfg.paths.output_dir, "interrupted", time.monotonic() - started)
+        leave_run()  # every process stopped at the same step: none is left in a collective
         raise
     # Steps after fitting (e.g. evaluation on a test split) belong here, before the summary that reports them.
     if cfg.get("test") and trainer.is_global_zero:
         # Predict the held-out cases with the best checkpoint and score them into <run>/test/ (rank 0 alone).
         evaluate_after_training(trainer, datamodule, cfg.paths.output_dir)
     finish_trackers(trainer)
-    return write_summary(trainer, cfg.paths.output_dir, "completed", time.monotonic() - started)
+    summary = write_summary(trainer, cfg.paths.output_dir, "completed", time.monotonic() - started)
+    leave_run()
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="train")

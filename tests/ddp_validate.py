@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from seglight import build, compose
 
 
@@ -21,6 +23,10 @@ def main(ckpt: str, output_dir: str, *overrides: str) -> None:
     if trainer.is_global_zero:
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
         (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # As PyTorch asks of a script that initialised torch.distributed: a process group left to the interpreter's
+    # shutdown can abort the process (gloo's threads), after all the work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
