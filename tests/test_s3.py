@@ -99,7 +99,16 @@ class StopServerMidway(Callback):
             self.server.wait()
 
 
-def test_interrupted_download_leaves_nothing_in_the_cache(tmp_path: Path) -> None:
+def test_interrupted_download_leaves_nothing_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its own server, so its own credentials: the test must not depend on what an earlier test left in the
+    # environment (the suite passes in any order).
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
