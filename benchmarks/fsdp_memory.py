@@ -26,16 +26,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from seglight.module import DEFAULT_NET
+
 NETS = {
     # The lab's reference SegResNet (4.7 M parameters) and SwinUNETR as conf/model configures them.
-    "segresnet": {
-        "_target_": "monai.networks.nets.SegResNet",
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 1,
-        "init_filters": 16,
-        "dropout_prob": 0.2,
-    },
+    "segresnet": DEFAULT_NET,
     "swinunetr": {
         "_target_": "monai.networks.nets.SwinUNETR",
         "spatial_dims": 3,
