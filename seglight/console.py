@@ -235,7 +235,18 @@ def interactive() -> bool:
             return True
     except (AttributeError, ValueError):
         pass
-    return "ipykernel" in sys.modules
+    return in_jupyter_kernel()
+
+
+def in_jupyter_kernel() -> bool:
+    """Whether this process is a Jupyter kernel running a notebook (not merely one that imported ipykernel, as a
+    notebook runner such as nbclient does)."""
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+    except Exception:  # an IPython too old or too odd to ask: assume no kernel
+        return False
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def trainer_output(
