@@ -44,12 +44,19 @@ def run_cli(
     module: str, *args: str, cache: Path | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
     """Run ``python -m <module> args`` as a user would, with the session's test cache (or ``cache``)."""
+    return run_command([sys.executable, "-m", module, *args], cache=cache, cwd=REPO, timeout=timeout)
+
+
+def run_command(
+    command: list[str], cache: Path | None = None, cwd: Path = REPO, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run ``command`` as a user's shell would: plain Hydra errors, no Python warnings, stdin closed."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
     if cache is not None:
         env["SEGLIGHT_CACHE_DIR"] = str(cache)
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
+        command,
+        cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,  # as in CI or a background job: nothing may wait for a terminal
         capture_output=True,
@@ -168,18 +175,7 @@ def run_script(
     cache (or ``cache``)."""
     script = Path(sys.executable).parent / name
     assert script.is_file(), f"{script} is not installed: run pip install -e . to install the console scripts"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-    if cache is not None:
-        env["SEGLIGHT_CACHE_DIR"] = str(cache)
-    return subprocess.run(
-        [str(script), *args],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,  # as in CI or a background job: nothing may wait for a terminal
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_command([str(script), *args], cache=cache, cwd=cwd, timeout=timeout)
 
 
 def make_subject_folders(
