@@ -4,7 +4,7 @@ and exits 0.
 
 One training step is forward, backward and an Adam step on a random volume of the lab's size (128x128x64,
 batch 2), so the figures include weights, gradients, optimiser state and activations. FSDP shards one unit per
-MONAI block, as ``trainer=fsdp`` does (``seglight.fsdp``); activation checkpointing recomputes the same blocks.
+MONAI block, as ``trainer=fsdp`` does (``seglight.training.fsdp``); activation checkpointing recomputes the same blocks.
 
     python benchmarks/fsdp_memory.py                            # one GPU: what a single process needs
     torchrun --nproc_per_node 4 benchmarks/fsdp_memory.py       # 4 GPUs: FSDP's shards are a quarter each
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from seglight.module import DEFAULT_NET
+from seglight.training.module import DEFAULT_NET
 
 NETS = {
     # The lab's reference SegResNet (4.7 M parameters) and SwinUNETR as conf/model configures them.
@@ -56,7 +56,7 @@ def with_checkpointing(net: nn.Module) -> nn.Module:
         checkpoint_wrapper,
     )
 
-    from seglight.fsdp import CHECKPOINT_BLOCKS, block_classes
+    from seglight.training.fsdp import CHECKPOINT_BLOCKS, block_classes
 
     blocks = tuple(block_classes(CHECKPOINT_BLOCKS))
     apply_activation_checkpointing(
@@ -78,7 +78,7 @@ def wrap(net: nn.Module, setup: str, device: torch.device) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        from seglight.fsdp import WRAP_BLOCKS, block_classes
+        from seglight.training.fsdp import WRAP_BLOCKS, block_classes
 
         return FullyShardedDataParallel(
             net, auto_wrap_policy=ModuleWrapPolicy(block_classes(WRAP_BLOCKS)), device_id=device

@@ -21,7 +21,7 @@ from lab import train_lab
 from results import Row
 
 from seglight import compose
-from seglight.builder import build_module, build_trainer
+from seglight.config.builder import build_module, build_trainer
 
 DEFAULT = ("16-mixed", False, False)  # the lab's setting: the configuration the goals are for
 

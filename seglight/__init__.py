@@ -4,28 +4,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from seglight.run_folder import register_resolvers
+from seglight.training.run_folder import register_resolvers
 
 __version__ = "0.1.0"
 __all__ = ["SegDataModule", "SegModule", "build", "compose", "predict_volume"]
 
 if TYPE_CHECKING:
-    from seglight.builder import build, compose
+    from seglight.config.builder import build, compose
     from seglight.data import SegDataModule
-    from seglight.inference import predict_volume
-    from seglight.module import SegModule
+    from seglight.prediction.predictor import predict_volume
+    from seglight.training.module import SegModule
 
-# The functions live in seglight.builder, not seglight.build: a submodule named `build` would replace the
+# The functions live in seglight.config.builder, not seglight.build: a submodule named `build` would replace the
 # function `seglight.build` as soon as anything imported it.
 _LAZY = {
-    "SegModule": "seglight.module",
+    "SegModule": "seglight.training.module",
     "SegDataModule": "seglight.data",
-    "build": "seglight.builder",
-    "compose": "seglight.builder",
-    "predict_volume": "seglight.inference",
+    "build": "seglight.config.builder",
+    "compose": "seglight.config.builder",
+    "predict_volume": "seglight.prediction.predictor",
 }
 
-# Before any config is composed: run folders are named by ${seglight.run_name:} (see seglight.run_folder).
+# Before any config is composed: run folders are named by ${seglight.run_name:} (see seglight.training.run_folder).
 register_resolvers()
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from seglight.data.cache_files import GB, CacheReport, format_size, inspect_caches, prune
-from seglight.errors import ConfigError, reported_errors
+from seglight.core.errors import ConfigError, reported_errors
+from seglight.data.caching.files import GB, CacheReport, format_size, inspect_caches, prune
 
 ACTIONS = ("info", "prune", "clear")
 

@@ -11,9 +11,9 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from seglight.console import setup as setup_console
-from seglight.errors import DataError, reported_errors
-from seglight.io import atomic_write_text
+from seglight.core.console import setup as setup_console
+from seglight.core.errors import DataError, reported_errors
+from seglight.core.io import atomic_write_text
 
 log = logging.getLogger("seglight")
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from seglight.console import setup as setup_console
-from seglight.errors import ConfigError, reported_errors
-from seglight.evaluation import Evaluation, evaluate
-from seglight.postprocessing import PLAN_FILE
-from seglight.utils import plain
+from seglight.core.console import setup as setup_console
+from seglight.core.errors import ConfigError, reported_errors
+from seglight.core.utils import plain
+from seglight.evaluation.scoring import Evaluation, evaluate
+from seglight.prediction.postprocessing import PLAN_FILE
 
 
 def check_options(cfg: DictConfig) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from seglight.console import setup as setup_console
-from seglight.deployment import ExportResult, export_checkpoint
-from seglight.errors import ConfigError, reported_errors
+from seglight.core.console import setup as setup_console
+from seglight.core.errors import ConfigError, reported_errors
+from seglight.exporting.formats import ExportResult, export_checkpoint
 
 _EXAMPLE = "python -m seglight.export ckpt=<run>/checkpoints/last.ckpt format=torchscript"
 

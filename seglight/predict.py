@@ -7,12 +7,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from seglight.checkpointing import model_checkpoints
-from seglight.console import setup as setup_console
+from seglight.core.console import setup as setup_console
+from seglight.core.errors import ConfigError, DataError, reported_errors
+from seglight.core.utils import plain
 from seglight.data.remote import is_remote
-from seglight.errors import ConfigError, DataError, reported_errors
-from seglight.inference import PredictionReport, predict
-from seglight.utils import plain
+from seglight.prediction.predictor import PredictionReport, predict
+from seglight.training.checkpoints import model_checkpoints
 
 _EXAMPLE = "python -m seglight.predict ckpt=<run>/checkpoints/last.ckpt input=<scan.nii.gz or folder> output=<folder>"
 

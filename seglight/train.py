@@ -11,16 +11,16 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from seglight import console
-from seglight.builder import build
-from seglight.callbacks import signal_handlers_kept
-from seglight.checkpointing import checkpoint_dir, resolve_checkpoint
-from seglight.distributed import join_run, leave_run, resume_requested, stop_unless_launchable
-from seglight.errors import reported_errors
-from seglight.evaluation import evaluate_after_training
-from seglight.report import describe_model, write_run_info, write_summary
-from seglight.sweep import is_multirun, run_job
-from seglight.tracking import finish_trackers
+from seglight.config.builder import build
+from seglight.config.sweeps import is_multirun, run_job
+from seglight.core import console
+from seglight.core.errors import reported_errors
+from seglight.evaluation.scoring import evaluate_after_training
+from seglight.training.callbacks.preemption import signal_handlers_kept
+from seglight.training.checkpoints import checkpoint_dir, resolve_checkpoint
+from seglight.training.distributed import join_run, leave_run, resume_requested, stop_unless_launchable
+from seglight.training.summary import describe_model, write_run_info, write_summary
+from seglight.training.trackers import finish_trackers
 
 log = logging.getLogger("seglight")
 
@@ -49,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         with signal_handlers_kept():
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
-        # SIGTERM or Ctrl-C: seglight.callbacks.Preemption saved last.ckpt and set the exit status (143/130).
+        # SIGTERM or Ctrl-C: the Preemption callback saved last.ckpt and set the exit status (143/130).
         write_summary(trainer, cfg.paths.output_dir, "interrupted", time.monotonic() - started)
         leave_run()  # every process stopped at the same step: none is left in a collective
         raise

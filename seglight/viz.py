@@ -7,10 +7,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from seglight.console import setup as setup_console
-from seglight.errors import ConfigError, reported_errors
-from seglight.io import nifti_stem
-from seglight.pictures import nifti_figure, save_figure
+from seglight.core.console import setup as setup_console
+from seglight.core.errors import ConfigError, reported_errors
+from seglight.core.io import nifti_stem
+from seglight.visualization.figures import nifti_figure, save_figure
 
 _EXAMPLE = "python -m seglight.viz image=<scan> label=<mask> pred=<mask> out=<png>"
 

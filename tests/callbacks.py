@@ -6,6 +6,7 @@ They observe or act as a user's own callback would; none of them changes what se
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 
 
 class RecordSamples(L.Callback):
@@ -80,3 +82,29 @@ class SignalAtStep(L.Callback):
         if not self._sent and trainer.global_step == self.step:
             self._sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class InjectNaN(Callback):
+    """Debugging aid: the network's output becomes NaN at one training step, as in a 16-bit overflow.
+
+    Exercises ``NaNGuard`` and recovery from the last checkpoint:
+    ``+callbacks.inject_nan={_target_:tests.callbacks.InjectNaN,at_step:5}``.
+    """
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = int(at_step)
+        self._armed = True
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._armed or trainer.global_step != self.at_step:
+            return
+        self._armed = False
+        network = getattr(pl_module, "net", pl_module)
+
+        def overflow(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            handle.remove()  # one forward pass only
+            return output * math.nan
+
+        handle = network.register_forward_hook(overflow)

@@ -129,8 +129,8 @@ def train_in_process(overrides: list[str], run_dir: Path) -> int:
     Errors are reported as the entry point reports them (one ``seglight.train: error: ...`` line on stderr,
     status 2), without paying a subprocess's start-up: read the message with pytest's ``capsys``.
     """
-    from seglight.builder import compose
-    from seglight.errors import reported_errors
+    from seglight.config.builder import compose
+    from seglight.core.errors import reported_errors
     from seglight.train import train
 
     quiet = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false"]

@@ -15,13 +15,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "seglight"
 # What the LightningModule must work without: a module that imports any of these depends on prediction.
 PREDICTION_SIDE = (
-    "seglight.inference",
+    "seglight.prediction.predictor",
     "seglight.predict",
     "seglight.evaluate",
-    "seglight.evaluation",
+    "seglight.evaluation.scoring",
     "seglight.viz",
-    "seglight.pictures",
-    "seglight.builder",
+    "seglight.visualization.figures",
+    "seglight.config.builder",
 )
 
 
@@ -99,7 +99,7 @@ def dependency_order(graph: dict[str, set[str]]) -> list[str]:
 def test_imports_run_one_way() -> None:
     assert cycle(GRAPH) is None, " -> ".join(cycle(GRAPH) or [])
     reachable: set[str] = set()
-    pending = ["seglight.module"]
+    pending = ["seglight.training.module"]
     while pending:
         for other in GRAPH[pending.pop()] - reachable:
             reachable.add(other)
@@ -111,7 +111,7 @@ def test_every_module_imports_in_dependency_order_in_a_fresh_interpreter() -> No
     order = dependency_order(GRAPH)
     code = (
         "import importlib, json, sys\n"
-        "import seglight.module\n"
+        "import seglight.training.module\n"
         "after_module = sorted(m for m in sys.modules if m.startswith('seglight'))\n"
         f"for name in {order!r}:\n"
         "    importlib.import_module(name)\n"
@@ -120,7 +120,7 @@ def test_every_module_imports_in_dependency_order_in_a_fresh_interpreter() -> No
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
-    assert "seglight.module" in loaded and not loaded & set(PREDICTION_SIDE), sorted(loaded)
+    assert "seglight.training.module" in loaded and not loaded & set(PREDICTION_SIDE), sorted(loaded)
 
 
 @functools.cache
@@ -144,19 +144,19 @@ def definitions() -> dict[str, list[str]]:
 @pytest.mark.parametrize(
     ("helper", "home"),
     [
-        ("safe_load", "seglight.checkpointing"),
-        ("load_nifti", "seglight.io"),
-        ("NIFTI_SUFFIXES", "seglight.io"),
-        ("atomic_write_text", "seglight.io"),
-        ("atomic_path", "seglight.io"),
-        ("spacing_from_affine", "seglight.io"),
-        ("plain", "seglight.utils"),
-        ("hd95_mm", "seglight.metrics"),
-        ("predict_volume", "seglight.inference"),
+        ("safe_load", "seglight.training.checkpoints"),
+        ("load_nifti", "seglight.core.io"),
+        ("NIFTI_SUFFIXES", "seglight.core.io"),
+        ("atomic_write_text", "seglight.core.io"),
+        ("atomic_path", "seglight.core.io"),
+        ("spacing_from_affine", "seglight.core.io"),
+        ("plain", "seglight.core.utils"),
+        ("hd95_mm", "seglight.models.metrics"),
+        ("predict_volume", "seglight.prediction.predictor"),
         ("DEFAULT_SPATIAL_SIZE", "seglight.data.transforms"),
         ("DEFAULT_PATCH", "seglight.data.datamodule"),
-        ("DEFAULT_INFERENCE", "seglight.module"),
-        ("DEFAULT_COMPUTE", "seglight.networks"),
+        ("DEFAULT_INFERENCE", "seglight.training.module"),
+        ("DEFAULT_COMPUTE", "seglight.models.networks"),
     ],
 )
 def test_each_helper_is_defined_once(helper: str, home: str) -> None:
@@ -169,7 +169,7 @@ def test_the_old_duplicates_are_gone() -> None:
         assert gone not in names, (gone, names.get(gone))
     methods = {
         node.name
-        for node in ast.walk(ast.parse(SOURCES["seglight.module"].read_text()))
+        for node in ast.walk(ast.parse(SOURCES["seglight.training.module"].read_text()))
         if isinstance(node, ast.FunctionDef)
     }
     assert {"probabilities", "labels"} <= methods
@@ -186,13 +186,13 @@ def calls(name: str) -> set[str]:
 @pytest.mark.parametrize(
     ("function", "allowed"),
     [
-        ("nib.load", {"seglight.io"}),  # the one NIfTI loader
+        ("nib.load", {"seglight.core.io"}),  # the one NIfTI loader
         (
             "torch.load",
-            {"seglight.checkpointing", "seglight.data.cache"},
+            {"seglight.training.checkpoints", "seglight.data.caching.datasets"},
         ),  # checkpoints; preprocessed entries
         # atomic files; the demo's folder swap; a cache lease, renamed into place while locked
-        ("os.replace", {"seglight.io", "seglight.data.demo", "seglight.data.cache_files"}),
+        ("os.replace", {"seglight.core.io", "seglight.data.demo", "seglight.data.caching.files"}),
         ("tempfile.mkstemp", set()),
     ],
 )
@@ -204,7 +204,7 @@ def test_each_reader_and_writer_is_in_one_place(function: str, allowed: set[str]
 @pytest.mark.parametrize(
     ("text", "allowed"),
     [
-        ("not a readable NIfTI image", {"seglight.io"}),  # the one message
+        ("not a readable NIfTI image", {"seglight.core.io"}),  # the one message
         ("128, 128, 64", {"seglight.data.transforms"}),  # the one default size
     ],
 )
@@ -214,7 +214,7 @@ def test_each_message_and_default_is_in_one_place(text: str, allowed: set[str]) 
 
 
 def test_the_builder_asks_the_data_module_instead_of_probing_it() -> None:
-    source = SOURCES["seglight.builder"].read_text()
+    source = SOURCES["seglight.config.builder"].read_text()
     for probe in ("getattr(datamodule", "read_cases(", "oriented_geometry", "nib.", "datamodule.mode"):
         assert probe not in source, probe
     assert "datamodule.network_input()" in source

@@ -50,7 +50,7 @@ def test_wheel_ships_configs_and_composes_from_them(tmp_path: Path) -> None:
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = (
-        "import seglight, seglight.builder as b; "
+        "import seglight, seglight.config.builder as b; "
         "cfg = b.compose(['model=unet'], output_dir='out'); "
         "print(seglight.__file__); print(cfg.model._target_)"
     )
@@ -69,7 +69,7 @@ def test_wheel_ships_configs_and_composes_from_them(tmp_path: Path) -> None:
 
 def test_public_names_are_the_functions_whatever_was_imported_first() -> None:
     code = (
-        "import seglight.builder, seglight.train; from seglight import SegModule, SegDataModule, compose, build; "
+        "import seglight.config.builder, seglight.train; from seglight import SegModule, SegDataModule, compose, build; "
         "assert callable(build) and build.__name__ == 'build' and compose.__name__ == 'compose'"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

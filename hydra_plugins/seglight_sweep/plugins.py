@@ -1,10 +1,10 @@
 """The plugins of ``conf/hydra/sweeper/grid.yaml`` and ``conf/hydra/launcher/local.yaml``, where Hydra looks for them.
 
-The behaviour lives in ``seglight.sweep``. Hydra imports every module here whenever any Hydra app starts, so this
+The behaviour lives in ``seglight.config.sweeps``. Hydra imports every module here whenever any Hydra app starts, so this
 one imports nothing heavy.
 """
 
-from seglight.sweep import SweepLauncher, SweepSweeper
+from seglight.config.sweeps import SweepLauncher, SweepSweeper
 
 
 class GridSweeper(SweepSweeper):

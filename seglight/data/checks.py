@@ -23,8 +23,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from seglight.errors import DataError
-from seglight.io import describe_exception, load_nifti, read_array, unreadable_nifti
+from seglight.core.errors import DataError
+from seglight.core.io import describe_exception, load_nifti, read_array, unreadable_nifti
 
 log = logging.getLogger("seglight")
 

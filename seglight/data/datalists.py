@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from seglight.core.errors import ConfigError, DataError
+from seglight.core.io import NIFTI_SUFFIXES
 from seglight.data.remote import RemoteCache, is_remote, join_path
-from seglight.errors import ConfigError, DataError
-from seglight.io import NIFTI_SUFFIXES
 
 Case = dict[str, Any]
 IMAGE, LABEL = "image", "label"

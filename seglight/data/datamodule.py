@@ -15,8 +15,18 @@ import torch
 from monai import transforms as mt
 from monai.data import DataLoader, Dataset, ThreadDataLoader
 
-from seglight.data.cache import CACHE_MODES, MemoryCacheDataset, cached_dataset
-from seglight.data.cache_files import GB, format_size, hold, prune
+from seglight.core.errors import ConfigError, DataError, SeglightError
+from seglight.core.io import atomic_write_text, load_nifti
+from seglight.core.utils import keep_batch_memory_mapped, plain
+from seglight.data.caching.datasets import CACHE_MODES, MemoryCacheDataset, cached_dataset
+from seglight.data.caching.device import (
+    GPU_CACHE_MODES,
+    dataset_bytes,
+    move_to_device,
+    training_device,
+    use_gpu_cache,
+)
+from seglight.data.caching.files import GB, format_size, hold, prune
 from seglight.data.checks import DatasetReport, Finding, check_case_data, inspect_cases
 from seglight.data.datalists import (
     IMAGE,
@@ -29,13 +39,6 @@ from seglight.data.datalists import (
     read_dataset_json,
 )
 from seglight.data.demo import demo_root, ensure_demo_dataset
-from seglight.data.device_cache import (
-    GPU_CACHE_MODES,
-    dataset_bytes,
-    move_to_device,
-    training_device,
-    use_gpu_cache,
-)
 from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN, IncompleteCase
 from seglight.data.remote import RemoteCache, default_cache_dir, is_remote, localize_paths
 from seglight.data.sampling import (
@@ -55,9 +58,6 @@ from seglight.data.transforms import (
     random_transforms,
     resampled_shape,
 )
-from seglight.errors import ConfigError, DataError, SeglightError
-from seglight.io import atomic_write_text, load_nifti
-from seglight.utils import keep_batch_memory_mapped, plain
 
 log = logging.getLogger("seglight")
 
@@ -98,7 +98,7 @@ def prediction_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
     settings = plain(dict(hparams))
     patch = settings.get("patch") or {}
     result = {"image_key": settings.get("image_key", "image")}
-    # How the training data was laid out, so new scans laid out alike are read alike (seglight.data.inputs).
+    # How the training data was laid out, so new scans laid out alike are read alike (seglight.prediction.inputs).
     for key in INPUT_KEYS:
         if settings.get(key) is not None:
             result[key] = settings[key]

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seglight.core.errors import ConfigError, DataError
+from seglight.core.io import is_nifti
 from seglight.data.datalists import IMAGE, LABEL, Case, assign_case_ids
 from seglight.data.remote import RemoteCache, is_remote, join_path
-from seglight.errors import ConfigError, DataError
-from seglight.io import is_nifti
 
 DEFAULT_IMAGE_PATTERN = "*/img.nii.gz"
 DEFAULT_LABEL_PATTERN = "*/label.nii.gz"

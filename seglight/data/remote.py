@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seglight.data.cache_files import record_use
-from seglight.errors import ConfigError, DataError
-from seglight.io import atomic_path
+from seglight.core.errors import ConfigError, DataError
+from seglight.core.io import atomic_path
+from seglight.data.caching.files import record_use
 
 log = logging.getLogger("seglight")
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seglight.core.errors import DataError
 from seglight.data.datalists import (
     Case,
     detect_layout,
@@ -27,7 +28,6 @@ from seglight.data.folders import (
     read_folder_cases,
 )
 from seglight.data.remote import RemoteCache
-from seglight.errors import DataError
 
 
 @dataclass

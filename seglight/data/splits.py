@@ -7,8 +7,8 @@ import random
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from seglight.errors import ConfigError
-from seglight.io import atomic_write_text
+from seglight.core.errors import ConfigError
+from seglight.core.io import atomic_write_text
 
 Fold = dict[str, list[str]]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seglight.errors import DataError
-from seglight.io import is_nifti
+from seglight.core.errors import DataError
+from seglight.core.io import is_nifti
 
 # Keys a datalist may use for the image and the label, most usual first (the lab writes "mask").
 IMAGE_KEYS = ("image", "img", "images", "scan", "volume")

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from seglight.errors import ConfigError
+from seglight.core.errors import ConfigError
 
 BASE = Path("/opt/ml")
 # SageMaker shows the first 1024 characters of this file as the job's FailureReason.

@@ -20,7 +20,7 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from seglight.errors import ConfigError
+from seglight.core.errors import ConfigError
 
 # The lab's hyperparameters (its train_simple.py) and the seglight option each one sets.
 LAB_OPTIONS = {

@@ -24,8 +24,7 @@ import monai.networks.nets
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
-from seglight.checkpointing import find_last_checkpoint
-from seglight.errors import EXIT_USER_ERROR, ConfigError, find_user_error
+from seglight.core.errors import EXIT_USER_ERROR, ConfigError, find_user_error
 from seglight.sagemaker.channels import (
     ChannelData,
     datalist_key_options,
@@ -46,6 +45,7 @@ from seglight.sagemaker.hyperparameters import (
     split_hyperparameters,
 )
 from seglight.train import train
+from seglight.training.checkpoints import find_last_checkpoint
 
 PROG = "seglight.sagemaker"
 CONFIG_MODULE = "seglight.conf"
@@ -215,7 +215,7 @@ def output_settings(env: SageMakerEnvironment, tree: Mapping[str, Any], known: s
         settings["logger.tensorboard.name"] = env.tensorboard_dir.name
         settings["logger.tensorboard.version"] = ""
     settings["+callbacks.sagemaker_outputs"] = {
-        "_target_": "seglight.sagemaker.outputs.SageMakerOutputs",
+        "_target_": "seglight.training.callbacks.sagemaker_outputs.SageMakerOutputs",
         "model_dir": str(env.model_dir),
     }
     return settings

@@ -1,0 +1,1 @@
+"""seglight.data.caching."""

@@ -1,0 +1,201 @@
+"""What to predict: the images named by ``input=``, read by the same readers and named by the same case ids as
+in training, with the data settings a model was trained with (image keys, layout, patterns).
+
+``input=`` may be a NIfTI file, a plain folder (or ``s3://`` prefix) of them, subject folders, a dataset folder
+(holding ``dataset.json``), a ``dataset.json``, or a JSON/CSV datalist. Labels are never required.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from seglight.core.errors import DataError
+from seglight.core.io import NIFTI_SUFFIXES, is_nifti
+from seglight.data.datalists import (
+    IMAGE,
+    LABEL,
+    Case,
+    assign_case_ids,
+    case_id_of,
+    detect_layout,
+    parent_of,
+    read_dataset_json,
+    read_entries,
+    read_nnunet_datalist,
+    resolve_datalist,
+)
+from seglight.data.folders import (
+    DEFAULT_IMAGE_PATTERN,
+    DEFAULT_LABEL_PATTERN,
+    group_channel_files,
+    read_folder_cases,
+)
+from seglight.data.remote import RemoteCache, is_remote, join_path
+
+
+@dataclass
+class InputCase:
+    """One image to segment: its case id (the output file's stem), its file(s), and its label if it has one.
+
+    ``problem`` says why the case cannot be predicted (a subject folder without one of its channels, say);
+    such a case is reported as failed rather than predicted.
+    """
+
+    case_id: str
+    image: str | list[str]
+    label: str | None = None
+    problem: str | None = None
+
+    @property
+    def first_file(self) -> str:
+        """The image's (first channel's) file, to name the case in messages."""
+        return self.image if isinstance(self.image, str) else self.image[0]
+
+
+def list_inputs(
+    source: str | Path,
+    data: Mapping[str, Any] | None = None,
+    datalist_key: str | None = None,
+    store: RemoteCache | None = None,
+    channels: int | None = None,
+) -> list[InputCase]:
+    """The cases to predict from ``source``, local or ``s3://``, read as the model's training data was read.
+
+    Args:
+        source: a NIfTI file; a folder (prefix) of them, where nnU-Net's ``case_0000``, ``case_0001`` names make
+            one case with a channel per file; subject folders (found by the trained ``image_pattern``); a dataset
+            folder or ``dataset.json`` (its ``test`` list when it has one, else ``training``; nnU-Net: its
+            training cases); a JSON list of paths or entries, or a CSV, with the trained image keys.
+        data: the data settings the model was trained with (``SegDataModule`` hyperparameters): ``image_key``,
+            ``layout``, ``image_pattern``, ``label_pattern``, and ``datalist``/``root`` (a datalist that was
+            trained on takes its relative paths from the same ``root``).
+        datalist_key: the list of a dataset.json or JSON datalist to predict.
+        channels: the model's input channels, when known, to tell nnU-Net channel files from numbered cases.
+
+    Remote files are not fetched here; prediction fetches them one case at a time.
+    """
+    data = dict(data or {})
+    store = store or RemoteCache()
+    text = str(source)
+    if not is_remote(text):
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise DataError(f"input={source}: no such file or folder")
+        text = str(path.resolve())
+    elif not store.exists(text):
+        raise DataError(f"input={source}: no such object or prefix")
+    if text.lower().endswith(NIFTI_SUFFIXES):
+        return [InputCase(case_id_of(text), text)]
+    if text.lower().endswith((".json", ".csv")):
+        return _datalist_inputs(text, data, datalist_key, store)
+    if not is_remote(text) and not Path(text).is_dir():
+        return [InputCase(case_id_of(text), text)]  # not named like NIfTI: the reader says what it is
+    if store.exists(join_path(text, "dataset.json")):
+        return _datalist_inputs(join_path(text, "dataset.json"), data, datalist_key, store)
+    if data.get("layout") == "folder":  # trained on subject folders: look for them first
+        found = _folder_inputs(text, data, store)
+        if found:
+            return found
+    files = [f for f in store.list_files(text) if is_nifti(f)]
+    if files:
+        return _plain_folder_inputs(text, files, channels)
+    found = _folder_inputs(text, data, store)
+    if found:
+        return found
+    pattern = data.get("image_pattern") or DEFAULT_IMAGE_PATTERN
+    raise DataError(
+        f"input={source}: holds no .nii or .nii.gz files, and no subject folders matching image_pattern="
+        f"{_describe_pattern(pattern)}; for subject folders laid out otherwise, set image_pattern=... "
+        "(a glob relative to the input, e.g. '*/t1.nii.gz')"
+    )
+
+
+def _datalist_inputs(
+    index: str, data: Mapping[str, Any], datalist_key: str | None, store: RemoteCache
+) -> list[InputCase]:
+    if datalist_key is None and _is_dataset(index):
+        meta = read_dataset_json(parent_of(index), store)
+        if detect_layout(meta) == "nnunet":  # its training cases, found as training finds them
+            cases = read_nnunet_datalist(parent_of(index), store, meta)
+            return [InputCase(c["case_id"], c[IMAGE], c.get(LABEL)) for c in cases]
+    entries, _, key = read_entries(index, store, datalist_key)
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f'input={index}: has no "{key}" list of images to predict (set datalist_key=...)')
+    entries = [e if isinstance(e, Mapping) else {IMAGE: e} for e in entries]  # MSD test lists hold paths
+    image_key = _image_key(entries, data.get("image_key") or IMAGE, index, key)
+    cases = resolve_datalist(
+        entries,
+        _base(index, data),
+        image_key,
+        str(data.get("label_key") or LABEL),
+        source=f"input={index}",
+        require_label=False,
+        key_options="image_key (as in training)",
+    )
+    return [InputCase(c["case_id"], c[IMAGE], c.get(LABEL)) for c in cases]
+
+
+def _image_key(
+    entries: Sequence[Mapping[str, Any]], trained: str | Sequence[str], index: str, key: str
+) -> str | list[str]:
+    """The trained image key(s) when every entry has them, else ``image`` (MSD's) when every entry has that."""
+    keys = [trained] if isinstance(trained, str) else [str(k) for k in trained]
+
+    def has(entry: Mapping[str, Any], wanted: list[str]) -> bool:
+        return all(entry.get(k) not in (None, "") for k in wanted)
+
+    for candidate in (keys, [IMAGE]):
+        if all(has(e, candidate) for e in entries):
+            return candidate[0] if len(candidate) == 1 else candidate
+    number = next(n for n, e in enumerate(entries) if not has(e, keys))
+    raise DataError(
+        f"input={index}: {key} entry {number} has no {' and '.join(map(repr, keys))} "
+        f"(the image key{'s' if len(keys) > 1 else ''} the model was trained with) and no 'image'"
+    )
+
+
+def _base(index: str, data: Mapping[str, Any]) -> str:
+    """Where relative paths start: the trained ``root`` for the datalist the model was trained on, else its folder."""
+    trained = data.get("datalist")
+    if isinstance(trained, str) and data.get("root") and _same_file(trained, index):
+        root = str(data["root"])
+        return root if is_remote(root) else str(Path(root).expanduser())
+    return parent_of(index)
+
+
+def _same_file(a: str, b: str) -> bool:
+    if is_remote(a) or is_remote(b):
+        return a == b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _is_dataset(index: str) -> bool:
+    return index.rstrip("/").rsplit("/", 1)[-1] == "dataset.json"
+
+
+def _folder_inputs(root: str, data: Mapping[str, Any], store: RemoteCache) -> list[InputCase]:
+    """Subject folders under ``root`` by the trained patterns; empty when nothing matches."""
+    image_pattern = data.get("image_pattern") or DEFAULT_IMAGE_PATTERN
+    label_pattern = data.get("label_pattern") or DEFAULT_LABEL_PATTERN
+    found = read_folder_cases(
+        root, image_pattern, label_pattern, store, require_label=False, prefix="", allow_empty=True
+    )
+    cases = [InputCase(c["case_id"], c[IMAGE], c.get(LABEL)) for c in found.cases]
+    cases += [InputCase(i.case_id, i.where, problem="; ".join(i.messages())) for i in found.incomplete]
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _plain_folder_inputs(folder: str, files: list[str], channels: int | None) -> list[InputCase]:
+    """One case per file, or per nnU-Net case name when the files follow ``{case}_{channel:04d}``."""
+    grouped = group_channel_files(files, channels)
+    named = grouped if grouped is not None else [(case_id_of(f), f) for f in files]
+    cases: list[Case] = [{"case_id": name, IMAGE: image} for name, image in named]
+    assign_case_ids(cases, f"input={folder}")  # a.nii beside a.nii.gz: both would be written as a.nii.gz
+    return [InputCase(c["case_id"], c[IMAGE]) for c in cases]
+
+
+def _describe_pattern(pattern: Any) -> str:
+    return repr(pattern) if isinstance(pattern, str) else repr(list(pattern))

@@ -1,0 +1,630 @@
+"""SegModule: a MONAI network with its loss, metrics, optimiser and logging, as a LightningModule."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import time
+import unicodedata
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import get_class, instantiate
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.metrics import SurfaceDiceMetric
+from monai.networks.utils import one_hot
+from torch import nn
+
+from seglight.core.errors import ConfigError, DataError
+from seglight.core.utils import plain
+from seglight.data.sampling import PADDING
+from seglight.models.metrics import (
+    DeviceDiceMetric,
+    HD95Metric,
+    SurfaceMetrics,
+    image_spacing,
+    per_class_means,
+)
+from seglight.models.networks import AUTO, DEFAULT_COMPUTE, apply_options, network_arguments, split_options
+
+log = logging.getLogger("seglight")
+
+DEFAULT_NET = {
+    "_target_": "monai.networks.nets.SegResNet",
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 1,
+    "init_filters": 16,
+    "dropout_prob": 0.2,
+}
+DEFAULT_LOSS = {"_target_": "monai.losses.DiceLoss", "sigmoid": True}
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, "weight_decay": 0.0}
+# How whole volumes are segmented, in validation and in prediction: without roi_size the network sees the whole
+# volume at once (the lab's resize mode); with it, MONAI's sliding-window inference runs windows of that size
+# and blends them.
+DEFAULT_INFERENCE = {
+    "roi_size": None,
+    "sw_batch_size": 4,
+    "overlap": 0.5,
+    "mode": "gaussian",
+    "sw_device": None,  # where the windows run (None: where the image is)
+    "device": None,  # where the whole-volume output is stitched (None: where the image is; "cpu" saves GPU memory)
+}
+# hd95_every_n: the surface metrics (HD95, NSD) at every n-th validation only (they run on the CPU).
+DEFAULT_METRICS = {"hd95": True, "surface_dice_tolerance": None, "hd95_every_n": 1}
+DEFAULT_THRESHOLD = 0.5
+# Scheduler arguments that take the schedule's length; "auto" fills in the run's epochs or optimiser steps.
+LENGTH_KEYS = ("T_max", "total_iters", "t_total")
+# Keys of a scheduler config beside the scheduler itself: Lightning's lr_scheduler settings, and seglight's share
+# of the run to warm up over.
+SCHEDULE_KEYS = ("interval", "frequency", "warmup_fraction")
+
+
+class SegModule(L.LightningModule):
+    """3D segmentation, binary (one output channel, sigmoid) or multi-class (one channel per label, softmax).
+
+    The task follows the network's ``out_channels``: 1 is the reference binary setup (sigmoid, Dice on
+    ``sigmoid > threshold``); more is multi-class (softmax over one-hot targets, Dice on the argmax). The loss
+    config is adapted to match (``sigmoid`` or ``softmax`` + ``to_onehot_y`` for MONAI's Dice-family losses), so
+    one ``conf/loss`` option serves both. Everything is given as configs (``_target_`` plus arguments, as in
+    ``conf/``) and saved with the checkpoint, so ``SegModule.load_from_checkpoint(path)`` needs nothing else,
+    for training or for prediction (``seglight.predict_volume(module, "scan.nii.gz")``).
+
+    From logits to masks, one path serves validation, prediction and pictures: ``probabilities(logits)``, then
+    ``labels(probabilities)``.
+
+    Args:
+        net: config of any ``monai.networks.nets`` class (or other ``nn.Module``): ``_target_`` and constructor
+            arguments. (Checkpoints of older versions kept the ``compute`` switches here; they still load.)
+        loss: config of the loss, called as ``loss(logits, target)``.
+        optimizer: partial config of a ``torch.optim`` optimiser, completed with the parameters.
+        scheduler: optional LR schedule in Lightning's shape: ``scheduler`` (a partial config of an LR scheduler,
+            completed with the optimiser; ``auto`` lengths become the run's length), ``interval`` (``epoch`` or
+            ``step``), and ``warmup_fraction`` (sets ``warmup_steps`` to that share of the run).
+        threshold: probability above which a voxel is foreground (binary task).
+        label_names: label value -> name (background 0 included), for per-class metric names.
+        inference: how whole volumes are segmented in validation and prediction (see ``DEFAULT_INFERENCE``).
+        metrics: ``hd95`` (bool) and ``surface_dice_tolerance`` (mm, or None) besides Dice; ``hd95_every_n``
+            computes these surface metrics at every n-th validation only.
+        compute: memory and speed switches ``checkpointing``, ``channels_last``, ``compile`` (see
+            ``seglight.models.networks``); they change neither the weights nor the outputs.
+        data: the data settings prediction needs to read and preprocess new scans as training did
+            (``SegDataModule.prediction_settings()``); saved so that a loaded module can predict on its own.
+    """
+
+    def __init__(
+        self,
+        net: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+        label_names: Mapping[int, str] | None = None,
+        inference: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        compute: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        net, legacy_switches = split_options(plain(net if net is not None else DEFAULT_NET))
+        out_channels = net.get("out_channels", 1)
+        if out_channels == AUTO:
+            raise ConfigError(_AUTO_MESSAGE.format(key="out_channels"))
+        softmax = int(out_channels) > 1
+        self.save_hyperparameters(
+            {
+                "net": net,
+                "loss": loss_for_task(plain(loss if loss is not None else DEFAULT_LOSS), softmax),
+                "optimizer": plain(optimizer if optimizer is not None else DEFAULT_OPTIMIZER),
+                "scheduler": schedule_config(plain(scheduler)),
+                "threshold": float(threshold),
+                "label_names": {int(k): str(v) for k, v in (label_names or {}).items()},
+                "inference": {**DEFAULT_INFERENCE, **(plain(inference) or {})},
+                "metrics": {**DEFAULT_METRICS, **(plain(metrics) or {})},
+                "compute": {**DEFAULT_COMPUTE, **legacy_switches, **(plain(compute) or {})},
+                "data": plain(data) or {},
+            }
+        )
+        self.softmax = softmax
+        # Classes including background; the binary task has two (background and foreground).
+        self.num_classes = int(out_channels) if softmax else 2
+        self.net = build_network(self.hparams.net, self.hparams.compute)
+        self.channels_last = bool(self.hparams.compute.get("channels_last"))
+        self.loss_fn = instantiate(self.hparams.loss)
+        # Dice stays on the device; the surface metrics run on the CPU beside it (see SurfaceMetrics).
+        self.dice = DeviceDiceMetric()
+        self.hd95 = HD95Metric() if self.hparams.metrics["hd95"] else None
+        tolerance = self.hparams.metrics["surface_dice_tolerance"]
+        self.nsd = (
+            SurfaceDiceMetric([float(tolerance)] * (self.num_classes - 1), include_background=False)
+            if tolerance is not None
+            else None
+        )
+        self.hd95_every_n = int(self.hparams.metrics["hd95_every_n"])
+        if self.hd95_every_n < 1:
+            raise ConfigError(f"metrics.hd95_every_n must be at least 1, got {self.hd95_every_n}")
+        surface = [m for m in (self.hd95, self.nsd) if m is not None]
+        self.surface = SurfaceMetrics(surface, expand=self.metric_masks) if surface else None
+        self._surface_counted = True  # whether this validation measures the surface metrics
+        # Wall time of this session's validations (sanity check excluded), for the run summary.
+        self.validation_time_s = 0.0
+        self.last_validation_s: float | None = None
+        self.validations = 0
+        self._validation_started: float | None = None
+        self._label_ranges: list[tuple[Any, list[str]]] = []
+        self._warned: set[str] = set()
+        # Per-case values of this process's validation cases, in the order it scores them ("loss", metric names).
+        self._val_rows: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def num_parameters(self) -> int:
+        """Trainable parameters of the network."""
+        return sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Metric names of the foreground classes 1..C-1: the dataset's label names, made tag-safe."""
+        names = self.hparams.label_names
+        return [_tag(names.get(c, f"class{c}")) for c in range(1, self.num_classes)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, MetaTensor):
+            x = x.as_tensor()  # the network needs no metadata, and plain tensors are faster (and compile)
+        if self.channels_last and x.ndim == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return self.net(x)
+
+    def infer(self, image: torch.Tensor, settings: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """Logits for whole volumes: one forward pass, or sliding windows when ``inference.roi_size`` is set.
+
+        ``settings`` replaces the saved ``inference`` settings it names (prediction passes its own).
+        """
+        settings = {**self.hparams.inference, **(settings or {})}
+        if not settings.get("roi_size"):
+            return self(image)
+        if isinstance(image, MetaTensor):
+            image = image.as_tensor()
+        return sliding_window_inference(
+            image,
+            roi_size=list(settings["roi_size"]),
+            sw_batch_size=int(settings["sw_batch_size"]),
+            predictor=self,
+            overlap=float(settings["overlap"]),
+            mode=settings["mode"],
+            sw_device=settings.get("sw_device") or image.device,
+            device=settings.get("device") or image.device,
+        )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # Label values are checked when each case is first read (seglight.data.checks), not here: reading a
+        # value of a GPU tensor would make every step wait for the GPU.
+        image, label = batch["image"], batch["label"]
+        try:
+            logits = self(image)
+        except ValueError as exc:
+            if "Expected more than 1 value per channel" not in str(exc):
+                raise
+            raise ConfigError(
+                f"{type(self.net).__name__} normalises over the batch (BatchNorm), and a training batch of "
+                f"{image.shape[0]} reaches a 1x1x1 feature map: use data.batch_size=2 or more, a larger "
+                "data.spatial_size (data.patch.size in patch mode), or instance normalisation (model.norm=instance)"
+            ) from exc
+        loss = self.loss_fn(logits, as_float_label(label))
+        # sync_dist: averaged over the processes once per epoch (they all take the same number of steps).
+        self.log(
+            "Loss/train",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=image.shape[0],
+            sync_dist=True,
+        )
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Nothing here waits for the device: per-case loss and Dice stay on it, the surface metrics go to a CPU
+        # thread, and the label values are checked when the epoch's metrics are read.
+        if PADDING in batch:
+            return  # a placeholder that evens out the processes' validation steps: nothing to score
+        image, label = batch["image"], batch["label"]
+        logits = self.infer(image)
+        label = label.to(logits.device)  # the stitched output may live on the CPU
+        self._label_ranges.append((label.flatten(1).aminmax(dim=1), _case_ids(batch, label.shape[0])))
+        if self.softmax:
+            # A value outside 0..C-1 would fail inside one_hot on the GPU, without naming the case: it is kept in
+            # range here and reported by check_label_ranges at the end of the epoch.
+            label = label.clamp(0, self.num_classes - 1)
+        loss = self.loss_fn(logits, as_float_label(label))
+        self._record("loss", loss.detach().reshape(1, 1).expand(image.shape[0], 1))
+        predicted = self.labels(self.probabilities(logits))
+        # The Dice call returns the batch's per-case values; they are kept here rather than in the metric's
+        # buffer, which MONAI would gather across processes on its own (and wait for processes without cases).
+        self._record("dice", self.dice(self.class_masks(predicted), self.class_masks(label)))
+        if self.surface is not None and self._surface_counted:
+            spacing = image_spacing(image)  # mm, from the affine after the deterministic transforms (host)
+            target = label if label.dtype == torch.uint8 or self.num_classes > 256 else label.to(torch.uint8)
+            self.surface.submit(predicted, target, spacing)
+
+    def _record(self, name: str, values: torch.Tensor) -> None:
+        self._val_rows.setdefault(name, []).append(values.detach().float())  # on the device: no sync
+
+    def surface_metrics_due(self) -> bool:
+        """Whether this validation measures HD95/NSD: the first, then every ``metrics.hd95_every_n``-th."""
+        trainer = self._trainer
+        interval = (trainer.check_val_every_n_epoch or 1) if trainer is not None else 1
+        # Counted from the epoch, so a resumed run keeps the same rhythm.
+        return (self.current_epoch // interval) % self.hd95_every_n == 0
+
+    def metric_masks(self, labels: torch.Tensor) -> torch.Tensor:
+        """A label map ``(B, 1, ...)`` as the float masks the metrics take (one channel, or one-hot)."""
+        return self.class_masks(labels).float()
+
+    def on_validation_start(self) -> None:
+        self._validation_started = time.perf_counter()
+        self._label_ranges = []
+
+    def on_validation_epoch_start(self) -> None:
+        self._surface_counted = self.surface_metrics_due()
+
+    def _validation_done(self) -> None:
+        # Called once the metrics are read back, so the device's work is done; checkpoint writes come after.
+        if self._validation_started is None or self.trainer.sanity_checking:
+            return
+        self.last_validation_s = time.perf_counter() - self._validation_started
+        self.validation_time_s += self.last_validation_s
+        self.validations += 1
+        self._validation_started = None
+
+    def teardown(self, stage: str) -> None:
+        if self.surface is not None:
+            self.surface.close()
+
+    def on_validation_epoch_end(self) -> None:
+        self.check_label_ranges()
+        if self.surface is not None:
+            self.surface.wait()
+        # Every process gathers every case's values in the same order, so all log the same numbers and the
+        # reductions run exactly as on one process. Each process takes part even with nothing of its own.
+        rows, self._val_rows = self._val_rows, {}
+        for key, metric in (
+            ("hd95", self.hd95),
+            ("nsd", self.nsd),
+        ):  # counted by the surface thread, in order
+            buffer = metric.get_buffer() if metric is not None and self._surface_counted else None
+            if isinstance(buffer, torch.Tensor) and buffer.numel():
+                rows[key] = [buffer]
+        for metric in (self.dice, self.hd95, self.nsd):
+            if metric is not None:
+                metric.reset()
+        losses = self._gather_rows(rows.get("loss"), 1)
+        if losses is not None:
+            self._log_gathered("Loss/val", float(losses.double().mean()))
+        dice, per_class = per_class_means(self._gather_rows(rows.get("dice"), self.num_classes - 1))
+        # As MONAI's DiceMetric reports it: 0 when no validation case has any foreground.
+        self._log_gathered("Dice/val", dice if dice is not None else 0.0, prog_bar=True)
+        self._log_per_class("Dice/val", per_class)
+        for name, key, metric in (("HD95/val", "hd95", self.hd95), ("NSD/val", "nsd", self.nsd)):
+            if metric is None or not self._surface_counted:
+                continue
+            mean, per_class = per_class_means(self._gather_rows(rows.get(key), self.num_classes - 1))
+            if mean is None:
+                self._warn_once(name, f"{name} not logged: no validation case has any foreground to measure")
+            else:
+                self._log_gathered(name, mean)
+            self._log_per_class(name, per_class)
+        self._validation_done()
+
+    def _log_per_class(self, name: str, values: list[float | None]) -> None:
+        for class_name, value in zip(self.class_names, values, strict=False):
+            if value is None:
+                self._warn_once(
+                    f"{name}/{class_name}",
+                    f"{name}/{class_name} not logged: no validation case has '{class_name}' to measure it on",
+                )
+            else:
+                self._log_gathered(f"{name}/{class_name}", value)
+
+    def _log_gathered(self, name: str, value: float, **kwargs: Any) -> None:
+        """Log a value that every process computed alike from the gathered cases.
+
+        ``max`` over identical values leaves them as they are; ``sync_dist`` only tells Lightning they are
+        already the values of all processes (it would otherwise warn that they might not be).
+        """
+        self.log(name, value, sync_dist=True, reduce_fx="max", **kwargs)
+
+    def _gather_rows(self, parts: list[torch.Tensor] | None, width: int) -> torch.Tensor | None:
+        """Per-case rows ``(cases, width)`` of every process, concatenated in rank order; None if there are none.
+
+        Each process scores one contiguous block of the validation cases, so rank order is the cases' order.
+        Processes may hold different numbers of rows (none at all, too): they pad to the longest with NaN for the
+        collective, and the padding is cut off after.
+        """
+        rows = torch.cat([p.reshape(-1, width).to(self.device) for p in parts]) if parts else None
+        if rows is None:
+            rows = torch.empty(0, width, device=self.device)
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return rows if rows.numel() else None
+        rows = rows.to(self.device)
+        counts = self.all_gather(torch.tensor(rows.shape[0], device=self.device)).reshape(-1).tolist()
+        padded = torch.full((max(max(counts), 1), width), float("nan"), device=self.device)
+        padded[: rows.shape[0]] = rows
+        gathered = self.all_gather(padded).reshape(len(counts), -1, width)
+        merged = torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)])
+        return merged if merged.numel() else None
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            self._warned.add(key)
+            log.warning(message)
+
+    # -- from logits to masks -----------------------------------------------------------------------------
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(B, C, ...)``: the sigmoid of the one channel (binary), else softmax over channels."""
+        logits = logits.float()
+        return torch.softmax(logits, dim=1) if self.softmax else torch.sigmoid(logits)
+
+    def labels(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Label maps ``(B, 1, ...)`` of label values (0 background): ``> threshold`` (binary), else the argmax."""
+        if not self.softmax:
+            return (probabilities > self.hparams.threshold).to(torch.uint8)
+        dtype = torch.uint8 if self.num_classes <= 256 else torch.int16
+        return probabilities.argmax(1, keepdim=True).to(dtype)
+
+    def class_masks(self, labels: torch.Tensor) -> torch.Tensor:
+        """Label maps ``(B, 1, ...)`` as the float masks MONAI's metrics compare: one channel per class, background
+        first (multi-class), or the one foreground channel (binary)."""
+        if self.softmax:
+            return one_hot(labels.long(), self.num_classes, dim=1)
+        return labels.float()
+
+    def check_label_ranges(self) -> None:
+        """DataError naming the first validation case whose label map held a value the network has no output for
+        (the ranges were recorded in the steps, on the device, and are read here, once an epoch)."""
+        ranges, self._label_ranges = self._label_ranges, []
+        for (low, high), ids in ranges:
+            for case, lo, hi in zip(ids, low.tolist(), high.tolist(), strict=True):
+                if lo < 0 or hi >= self.num_classes:
+                    raise self._label_error(case, hi if hi >= self.num_classes else lo)
+
+    def _label_error(self, case: str, value: Any) -> DataError:
+        expected = "0 or 1 (binary)" if not self.softmax else f"0..{self.num_classes - 1}"
+        return DataError(
+            f"{case}: the label map holds value {value}, but the model expects {expected}; check the dataset's "
+            'labels (dataset.json "labels") and model.out_channels'
+        )
+
+    # -- optimisation -------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.hparams.optimizer, self.parameters(), self._gradient_clipping())
+        if not self.hparams.scheduler:
+            return optimizer
+        interval = self.hparams.scheduler.get("interval", "epoch")
+        target, options = scheduler_settings(self.hparams.scheduler, lambda: self.schedule_length(interval))
+        scheduler = instantiate(target)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **options}}
+
+    def on_train_start(self) -> None:
+        self.follow_schedule_length()
+
+    def follow_schedule_length(self) -> None:
+        """Stretch an ``auto``-length schedule to this run's length when a checkpoint brought back another one.
+
+        A checkpoint restores the scheduler with the length of the run that saved it; a run extended with a
+        larger ``trainer.max_epochs`` would otherwise keep decaying towards the old end (and stay at the floor).
+        The schedule then follows the new length from the current epoch or step, as if it had been planned
+        for it from the start.
+        """
+        config = schedule_config(self.hparams.scheduler) or {}
+        target = dict(config.get("scheduler") or {})
+        auto = [key for key in LENGTH_KEYS if target.get(key) == AUTO]
+        if not auto or not self.trainer.lr_scheduler_configs:
+            return
+        scheduler_config = self.trainer.lr_scheduler_configs[0]
+        scheduler = scheduler_config.scheduler
+        length = self.schedule_length(scheduler_config.interval)
+        before = {key: getattr(scheduler, key) for key in auto if hasattr(scheduler, key)}
+        if not before or all(value == length for value in before.values()):
+            return
+        for key in before:
+            setattr(scheduler, key, length)
+        if config.get("warmup_fraction") is not None and hasattr(scheduler, "warmup_steps"):
+            scheduler.warmup_steps = round(float(config["warmup_fraction"]) * length)
+        rates = closed_form_rates(scheduler)
+        if rates is None:
+            log.warning(
+                "%s: the schedule's length is now %d, but its current learning rate cannot be recomputed",
+                type(scheduler).__name__,
+                length,
+            )
+            return
+        for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        scheduler._last_lr = list(rates)
+        log.info(
+            "Learning-rate schedule: %d %ss long (was %d in the checkpoint); learning rate now %.3g",
+            length,
+            scheduler_config.interval,
+            next(iter(before.values())),
+            rates[0],
+        )
+
+    def _gradient_clipping(self) -> bool:
+        trainer = self._trainer
+        return bool(trainer is not None and trainer.gradient_clip_val)
+
+    def schedule_length(self, interval: str) -> int:
+        """How many times the scheduler will step: the run's optimiser steps or epochs."""
+        trainer = self._trainer
+        if trainer is None:
+            raise ConfigError(
+                "scheduler: an 'auto' length needs the Trainer (attach the module before asking)"
+            )
+        if interval == "step":
+            steps = trainer.estimated_stepping_batches
+            if steps in (None, float("inf")):
+                raise ConfigError("scheduler: 'auto' length needs trainer.max_epochs or trainer.max_steps")
+            return int(steps)
+        if trainer.max_epochs in (None, -1):
+            raise ConfigError("scheduler: 'auto' length needs trainer.max_epochs")
+        return int(trainer.max_epochs)
+
+
+_AUTO_MESSAGE = (
+    "model.{key}=auto is filled in from the data: build the module with seglight.build(cfg) (or "
+    "seglight.config.builder.build_module(cfg, datamodule)), or give a number"
+)
+
+
+def _case_ids(batch: Mapping[str, Any], count: int) -> list[str]:
+    ids = batch.get("case_id") if isinstance(batch, Mapping) else None
+    if isinstance(ids, list | tuple) and len(ids) == count:
+        return [str(i) for i in ids]
+    return [f"validation case {i}" for i in range(count)]
+
+
+def as_float_label(label: torch.Tensor) -> torch.Tensor:
+    """A label map as float32 for the loss and metrics. The loaders serve label maps as uint8 (a quarter of the
+    bytes to copy and move); the cast runs where the batch already is, on the GPU after the transfer."""
+    return label if label.is_floating_point() else label.float()
+
+
+def build_optimizer(
+    config: Mapping[str, Any], parameters: Iterator[nn.Parameter], gradient_clipping: bool = False
+) -> torch.optim.Optimizer:
+    """The optimiser of a partial config, fused (one kernel per step, no host sync) where that is safe.
+
+    On CUDA, an optimiser that takes ``fused`` (Adam, AdamW, SGD) is built with ``fused=True`` unless the config
+    says otherwise: besides being faster, a fused optimiser takes the AMP scaler's inf check on the device, where
+    the unfused path reads it back to the host at every step under ``16-mixed``. Not with gradient clipping,
+    which needs the gradients unscaled before the step. Elsewhere the config is used as it is.
+    """
+    params = list(parameters)
+    partial = instantiate(config)
+    options: dict[str, Any] = {}
+    if (
+        not gradient_clipping
+        and "fused" not in config
+        and "foreach" not in config
+        and params
+        and all(p.is_cuda and p.is_floating_point() for p in params)
+        and _accepts(config.get("_target_"), "fused")
+    ):
+        options["fused"] = True
+    try:
+        return partial(params=params, **options)
+    except (RuntimeError, ValueError, TypeError):
+        if not options:
+            raise
+        return partial(params=params)  # a combination the fused kernel does not support: the plain one
+
+
+def _accepts(target: Any, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(get_class(str(target))).parameters
+    except Exception:  # not a class we can inspect: leave it alone
+        return False
+
+
+def closed_form_rates(scheduler: Any) -> list[float] | None:
+    """The learning rates ``scheduler`` gives at its current epoch or step, from its formula; None if unknown."""
+    if hasattr(scheduler, "_get_closed_form_lr"):  # CosineAnnealingLR, PolynomialLR, StepLR, ...
+        return [float(rate) for rate in scheduler._get_closed_form_lr()]
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # MONAI's WarmupCosineSchedule
+        step = scheduler.last_epoch
+        return [
+            float(base * rate(step))
+            for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+    return None
+
+
+def build_network(config: Mapping[str, Any], compute: Mapping[str, Any] | None = None) -> nn.Module:
+    """Instantiate a network config with the ``compute`` switches, turning a wrong ``_target_`` or argument into
+    a ConfigError."""
+    target = config.get("_target_", "<no _target_>") if isinstance(config, Mapping) else config
+    arguments, legacy_switches = split_options(config)
+    options = {**legacy_switches, **(compute or {})}
+    unresolved = [key for key, value in arguments.items() if isinstance(value, str) and value == AUTO]
+    if unresolved:
+        raise ConfigError(_AUTO_MESSAGE.format(key=unresolved[0]))
+    hydra_args, direct_args = network_arguments(arguments, options)
+    try:
+        net = instantiate(hydra_args, _partial_=True)(**direct_args)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"model: cannot build {target}: {cause}") from exc
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"model: {target} is not a torch.nn.Module")
+    return apply_options(net, arguments, options)
+
+
+def schedule_config(scheduler: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A scheduler config in Lightning's shape (``scheduler``, ``interval``, ...), or None for a constant rate.
+
+    Older checkpoints kept ``interval`` and ``warmup_fraction`` beside ``_target_``; they are moved out.
+    """
+    if not scheduler:
+        return None
+    cfg = dict(scheduler)
+    if "_target_" in cfg:
+        outer = {key: cfg.pop(key) for key in SCHEDULE_KEYS if key in cfg}
+        return {"scheduler": cfg, **outer}
+    if "scheduler" not in cfg:
+        raise ConfigError(
+            f"scheduler: expected a 'scheduler' entry with a _target_ (see conf/scheduler/), got keys {sorted(cfg)}"
+        )
+    return cfg
+
+
+def scheduler_settings(
+    schedule: Mapping[str, Any], length: int | Callable[[], int]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the scheduler's config with its ``auto`` lengths and warm-up filled in, Lightning's lr_scheduler options).
+
+    ``length`` is how many times the scheduler will step (or a function that says, asked only when needed).
+    """
+    schedule = schedule_config(schedule) or {}
+    target = dict(schedule["scheduler"])
+    options = {k: v for k, v in schedule.items() if k in ("interval", "frequency")}
+    options.setdefault("interval", "epoch")
+    warmup_fraction = schedule.get("warmup_fraction")
+    if warmup_fraction is not None or AUTO in (target.get(k) for k in LENGTH_KEYS):
+        steps = length() if callable(length) else int(length)
+        for key in LENGTH_KEYS:
+            if target.get(key) == AUTO:
+                target[key] = steps
+        if warmup_fraction is not None:
+            target["warmup_steps"] = round(float(warmup_fraction) * steps)
+    return target, options
+
+
+def loss_for_task(loss: Mapping[str, Any], softmax: bool) -> dict[str, Any]:
+    """The loss config with the activation the task needs (MONAI Dice-family losses; others are left alone).
+
+    Binary: ``sigmoid`` on the single output channel. Multi-class: ``softmax`` over the channels and
+    ``to_onehot_y`` so that a label map of values 0..C-1 is the target.
+    """
+    cfg = dict(loss)
+    if not ({"sigmoid", "softmax"} & set(cfg)):
+        return cfg
+    for key in ("sigmoid", "softmax", "to_onehot_y"):
+        cfg.pop(key, None)
+    if softmax:
+        cfg.update(softmax=True, to_onehot_y=True)
+    else:
+        cfg.update(sigmoid=True)
+    return cfg
+
+
+def _tag(name: str) -> str:
+    """A label name as one metric-name level that every tracker keeps as it is: letters, digits, ``_`` and ``-``
+    (MLflow renames other characters, W&B nests on dots, TensorBoard groups on slashes)."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()  # Läsion -> Lasion
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_name.strip()).strip("_") or "unnamed"

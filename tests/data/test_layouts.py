@@ -1,0 +1,228 @@
+"""Dataset layouts (nnU-Net v2, multi-channel MSD, CSV/JSON datalists), channels and labels, and k-fold splits."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from seglight import SegDataModule, compose
+from seglight.config.builder import build_module
+from seglight.core.errors import ConfigError, DataError
+from tests.helpers import make_msd_dataset, write_nifti
+
+SHAPE = (20, 20, 12)
+
+
+def cube_label(num_labels: int = 2) -> np.ndarray:
+    label = np.zeros(SHAPE, np.uint8)
+    label[4:10, 4:10, 3:8] = 1
+    if num_labels == 2:
+        label[12:16, 12:16, 3:8] = 2
+    return label
+
+
+def make_nnunet_dataset(root: Path, num_cases: int = 3, channels=("T2", "ADC")) -> Path:
+    """nnU-Net v2 raw layout: channel c of a case is a constant volume of value 100*(c+1) (to check the order)."""
+    for i in range(num_cases):
+        case = f"prostate_{i:03d}"
+        for c in range(len(channels)):
+            write_nifti(
+                root / "imagesTr" / f"{case}_{c:04d}.nii.gz", np.full(SHAPE, 100.0 * (c + 1), np.float32)
+            )
+        write_nifti(root / "labelsTr" / f"{case}.nii.gz", cube_label())
+    meta = {
+        "channel_names": {str(c): name for c, name in enumerate(channels)},
+        "labels": {"background": 0, "PZ": 1, "TZ": 2},
+        "numTraining": num_cases,
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def module(tmp_path: Path, **kwargs) -> SegDataModule:
+    defaults = dict(
+        spatial_size=[16, 16, 8],
+        num_workers=0,
+        batch_size=2,
+        val_fraction=0.34,
+        a_min=0.0,
+        a_max=400.0,
+        split_path=str(tmp_path / "run" / "split.json"),
+        splits_path=str(tmp_path / "run" / "splits.json"),
+    )
+    return SegDataModule(**{**defaults, **kwargs})
+
+
+def test_nnunet_layout_stacks_channels_in_order(tmp_path: Path) -> None:
+    root = make_nnunet_dataset(tmp_path / "Dataset001_Prostate")
+    dm = module(tmp_path, root=str(root))
+    # Known before setup, from dataset.json alone: what the model config needs.
+    assert dm.num_input_channels == 2
+    assert dm.label_names == {0: "background", 1: "PZ", 2: "TZ"}
+    cases = dm.read_cases()
+    assert [c["case_id"] for c in cases] == ["prostate_000", "prostate_001", "prostate_002"]
+    assert cases[0]["image"] == [
+        str(root / "imagesTr" / "prostate_000_0000.nii.gz"),
+        str(root / "imagesTr" / "prostate_000_0001.nii.gz"),
+    ]
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 2, 16, 16, 8) and batch["label"].shape == (2, 1, 16, 16, 8)
+    # Channel 0 is the _0000 file (100 -> 0.25 in the 0..400 window), channel 1 the _0001 file (0.5).
+    assert torch.allclose(batch["image"][:, 0], torch.tensor(0.25)) and torch.allclose(
+        batch["image"][:, 1], torch.tensor(0.5)
+    )
+    assert set(torch.unique(batch["label"]).tolist()) == {0.0, 1.0, 2.0}
+
+
+def test_nnunet_count_mismatch_and_missing_channel_file(tmp_path: Path) -> None:
+    root = make_nnunet_dataset(tmp_path / "ds", num_cases=3)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "numTraining": 4}))
+    with pytest.raises(DataError, match="numTraining is 4 but .*labelsTr holds 3 label files"):
+        module(tmp_path, root=str(root)).read_cases()
+    (root / "dataset.json").write_text(json.dumps(meta))
+    missing = root / "imagesTr" / "prostate_001_0001.nii.gz"
+    missing.unlink()
+    with pytest.raises(DataError, match="file not found") as err:
+        module(tmp_path, root=str(root)).setup("fit")
+    assert str(missing) in str(err.value)
+
+
+def test_channels_and_classes_flow_into_the_model(tmp_path: Path) -> None:
+    root = make_nnunet_dataset(tmp_path / "ds", channels=("T2", "ADC", "DWI"))
+    cfg = compose(["data=nnunet", f"data.root={root}"], output_dir=tmp_path / "run")
+    datamodule = SegDataModule(**{k: v for k, v in cfg.data.items() if k != "_target_"})
+    net = build_module(cfg, datamodule).net
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs[0].in_channels == 3, "input channels come from channel_names"
+    assert convs[-1].out_channels == 3, "background + PZ + TZ"
+
+
+def test_msd_four_dimensional_multimodal_images(tmp_path: Path) -> None:
+    root = tmp_path / "Task01"
+    training = []
+    for i in range(3):
+        image = np.stack([np.full(SHAPE, 100.0), np.full(SHAPE, 300.0)], axis=-1).astype(np.float32)
+        write_nifti(root / "imagesTr" / f"brain_{i}.nii.gz", image)
+        write_nifti(root / "labelsTr" / f"brain_{i}.nii.gz", cube_label(1))
+        training.append({"image": f"./imagesTr/brain_{i}.nii.gz", "label": f"./labelsTr/brain_{i}.nii.gz"})
+    meta = {
+        "modality": {"0": "FLAIR", "1": "T1w"},
+        "labels": {"0": "background", "1": "tumour"},
+        "training": training,
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    dm = module(tmp_path, root=str(root))
+    assert dm.num_input_channels == 2 and dm.label_names == {0: "background", 1: "tumour"}
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 2, 16, 16, 8)
+    assert torch.allclose(batch["image"][:, 1], torch.tensor(0.75))
+
+
+def test_csv_datalist_with_one_column_per_channel(tmp_path: Path) -> None:
+    data = tmp_path / "lab"
+    rows = []
+    for i in range(3):
+        for name, value in (("t1", 100.0), ("t2", 200.0)):
+            write_nifti(data / "scans" / f"s{i}_{name}.nii.gz", np.full(SHAPE, value, np.float32))
+        write_nifti(data / "masks" / f"s{i}.nii.gz", cube_label(1))
+        rows.append(
+            {
+                "subject": f"s{i}",
+                "t1": f"scans/s{i}_t1.nii.gz",
+                "t2": f"scans/s{i}_t2.nii.gz",
+                "mask": f"masks/s{i}.nii.gz",
+            }
+        )
+    with (data / "train.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    dm = module(
+        tmp_path,
+        datalist=str(data / "train.csv"),
+        image_key=["t1", "t2"],
+        label_key="mask",
+        labels={"0": "background", "1": "lesion"},
+    )
+    # No dataset.json: channels from the image columns, labels from data.labels.
+    assert dm.num_input_channels == 2 and dm.label_names == {0: "background", 1: "lesion"}
+    cases = dm.read_cases()
+    assert cases[0]["image"] == [str(data / "scans" / "s0_t1.nii.gz"), str(data / "scans" / "s0_t2.nii.gz")]
+    assert cases[0]["subject"] == "s0"
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 2, 16, 16, 8)
+    assert torch.allclose(batch["image"][:, 0], torch.tensor(0.25)) and torch.allclose(
+        batch["image"][:, 1], torch.tensor(0.5)
+    )
+
+
+def test_json_datalist_monai_style_and_header_channels(tmp_path: Path) -> None:
+    root = make_msd_dataset(tmp_path / "ds", num_cases=3)
+    entries = json.loads((root / "dataset.json").read_text())["training"]
+    (root / "dataset.json").unlink()
+    datalist = tmp_path / "lists" / "fold.json"
+    datalist.parent.mkdir()
+    datalist.write_text(json.dumps({"labels": {"0": "background", "1": "cube"}, "training": entries}))
+    dm = module(tmp_path, datalist=str(datalist), root=str(root))  # paths relative to data.root
+    assert dm.label_names == {0: "background", 1: "cube"}
+    assert dm.num_input_channels == 1  # from the first image's header
+    assert [c["case_id"] for c in dm.read_cases()] == ["case_0", "case_1", "case_2"]
+    dm.setup("fit")
+    assert len(dm.train_cases) == 2 and len(dm.val_cases) == 1
+    with pytest.raises(ConfigError, match="must end in .csv or .json"):
+        (tmp_path / "list.txt").write_text("x")
+        module(tmp_path, datalist=str(tmp_path / "list.txt")).read_cases()
+
+
+def test_kfold_splits_are_saved_reused_and_cover_every_case(tmp_path: Path) -> None:
+    root = make_msd_dataset(tmp_path / "ds", num_cases=6)
+    splits = tmp_path / "study" / "splits.json"
+    val_sets = []
+    for fold in range(3):
+        # Each fold is its own run (own split.json); all share the study's splits.json.
+        dm = module(
+            tmp_path,
+            root=str(root),
+            fold=fold,
+            num_folds=3,
+            split_seed=fold,  # a different seed per run: the saved partition still wins
+            splits_path=str(splits),
+            split_path=str(tmp_path / f"run{fold}" / "split.json"),
+            cache="none",
+        )
+        dm.setup("fit")
+        val = {c["case_id"] for c in dm.val_cases}
+        assert len(val) == 2 and not val & {c["case_id"] for c in dm.train_cases}
+        record = json.loads((tmp_path / f"run{fold}" / "split.json").read_text())
+        assert record["fold"] == fold and set(record["val"]) == val
+        val_sets.append(val)
+    assert set().union(*val_sets) == {f"case_{i}" for i in range(6)}
+    folds = json.loads(splits.read_text())  # nnU-Net's splits_final.json format
+    assert [set(f["val"]) for f in folds] == val_sets
+    assert all(set(f["train"]) | set(f["val"]) == set().union(*val_sets) for f in folds)
+
+    with pytest.raises(ConfigError, match="holds 3 folds but data.num_folds is 5"):
+        module(tmp_path, root=str(root), fold=0, num_folds=5, splits_path=str(splits)).setup("fit")
+    other = make_msd_dataset(tmp_path / "other", num_cases=7)
+    with pytest.raises(ConfigError, match="was made for other cases .1 new: case_6"):
+        module(tmp_path, root=str(other), fold=0, num_folds=3, splits_path=str(splits)).setup("fit")
+    with pytest.raises(ConfigError, match="data.fold must be between 0 and"):
+        module(tmp_path, root=str(root), fold=3, num_folds=3)
+
+
+def test_fold_options_compose_from_the_command_line(tmp_path: Path) -> None:
+    cfg = compose(["data=msd", "data.root=/x", "data.fold=2"], output_dir=tmp_path)
+    assert cfg.data.fold == 2 and cfg.data.num_folds == 5
+    assert cfg.data.splits_path == str(tmp_path.resolve() / "splits.json")
+    assert cfg.data.cache in ("auto", "memory", "disk") and cfg.data.on_bad_case == "error"
+    assert cfg.data.remote.cache_dir.endswith("remote") and cfg.data.remote.endpoint_url is None
