@@ -149,7 +149,7 @@ def definitions() -> dict[str, list[str]]:
         ("NIFTI_SUFFIXES", "seglight.core.io"),
         ("atomic_write_text", "seglight.core.io"),
         ("atomic_path", "seglight.core.io"),
-        ("spacing_from_affine", "seglight.core.io"),
+        ("spacing_from_affine", "seglight.core.geometry"),
         ("plain", "seglight.core.utils"),
         ("hd95_mm", "seglight.models.metrics"),
         ("predict_volume", "seglight.prediction.predictor"),

@@ -30,6 +30,18 @@ _ERROR_TYPES: dict[str, type[SeglightError]] = {
 _WORKER_ERROR_LINE = re.compile(r"^seglight\.core\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (libraries' explanations run on), else its type's name."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, for the detail in parentheses of a message."""
+    text = first_line(exc)
+    return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
+
+
 def find_user_error(exc: BaseException) -> SeglightError | None:
     """The SeglightError behind ``exc``, if any; MONAI, Hydra and DataLoader workers wrap the ones we raise."""
     seen: set[int] = set()

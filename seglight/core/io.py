@@ -1,4 +1,4 @@
-"""Files: the NIfTI suffixes, the one NIfTI loader and its message, atomic writes, voxel spacing from an affine.
+"""Files: the NIfTI suffixes, the one NIfTI loader and its message, atomic writes.
 
 Every writer of a file a user or another run may read (masks, checkpoints, pictures, JSON and CSV records,
 cache entries, downloads) goes through ``atomic_path``: the data is written to a temporary file beside the
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from seglight.core.errors import DataError
+from seglight.core.errors import DataError, describe_exception
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Temporary files are named ".<name>.<pid>.<random>.partial[.nii.gz]": hidden, so folder listings skip them, and
@@ -51,12 +51,6 @@ def unreadable_nifti(path: str | Path, detail: str) -> DataError:
     return DataError(f"{path}: not a readable NIfTI image ({detail})")
 
 
-def describe_exception(exc: BaseException) -> str:
-    """``Type: first line`` of an exception, for the detail in parentheses of a message."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 def load_nifti(path: str | Path) -> Any:
     """The NIfTI image at ``path`` (header read, data loaded on access), or a DataError naming the file.
 
@@ -85,19 +79,6 @@ def read_array(image: Any, path: str | Path) -> np.ndarray:
         return np.asanyarray(image.dataobj)
     except Exception as exc:  # EOFError, zlib.error, OSError, ValueError: truncated or corrupt data
         raise unreadable_nifti(path, f"truncated or corrupt data: {describe_exception(exc)}") from None
-
-
-def spacing_from_affine(affine: Any) -> np.ndarray:
-    """Voxel size (mm) along each array axis: the lengths of the affine's columns; ``(..., 3)`` for ``(..., 4, 4)``.
-
-    Right for oblique scans too, and after reorientation, resampling and resizing (MONAI updates the affine in
-    each of them). Takes NumPy arrays, torch tensors and batches of either.
-    """
-    if hasattr(affine, "detach"):  # a torch tensor or MetaTensor affine
-        affine = affine.detach().cpu().double().numpy()
-    a = np.asarray(affine, dtype=np.float64)
-    dims = a.shape[-1] - 1
-    return np.linalg.norm(a[..., :dims, :dims], axis=-2)
 
 
 # -- writing ---------------------------------------------------------------------------------------------------

@@ -23,13 +23,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from seglight.core.errors import DataError
-from seglight.core.io import describe_exception, load_nifti, read_array, unreadable_nifti
+from seglight.core.errors import DataError, describe_exception
+from seglight.core.geometry import same_grid
+from seglight.core.io import load_nifti, read_array, unreadable_nifti
 
 log = logging.getLogger("seglight")
 
 # Affines of an image and its label may differ by float rounding of a conversion, not by more.
-AFFINE_TOLERANCE = 1e-3
 PERCENTILES = (0.5, 50.0, 99.5)
 MAX_SAMPLED_VOXELS = 2_000_000  # intensity percentiles are estimated from a strided sample
 LABEL_CHUNK = 1 << 22  # label voxels counted at a time (bounded temporaries)
@@ -258,7 +258,7 @@ def _inspect_case(
                 f"shape {_fmt(other.shape[:3])} does not match the image "
                 f"{names.get(reference, reference)} ({_fmt(first.shape[:3])})",
             )
-        elif not np.allclose(other.affine, first.affine, atol=AFFINE_TOLERANCE):
+        elif not same_grid(other.affine, first.affine):
             diff = float(np.abs(other.affine - first.affine).max())
             error(
                 path,

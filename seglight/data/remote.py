@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seglight.core.errors import ConfigError, DataError
+from seglight.core.errors import ConfigError, DataError, first_line
 from seglight.core.io import atomic_path
 from seglight.data.caching.files import record_use
 
@@ -145,9 +145,7 @@ class RemoteCache:
             try:
                 return Path(path).expanduser().read_text()
             except (OSError, UnicodeDecodeError) as exc:
-                raise DataError(
-                    f"{path}: cannot be read ({type(exc).__name__}: {_first_line(exc)})"
-                ) from None
+                raise DataError(f"{path}: cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
         fs, rpath = self._filesystem(str(path))
         try:
             return fs.cat_file(rpath).decode("utf-8")
@@ -332,7 +330,7 @@ class RemoteCache:
     def _error(self, url: str, exc: BaseException, downloading: bool = False) -> RemoteError:
         """One clear message for what went wrong with ``url``, without the client's traceback."""
         names = {type(e).__name__ for e in _chain(exc)}
-        detail = _first_line(exc)
+        detail = first_line(exc)
         bucket = url.split("://", 1)[1].split("/", 1)[0]
         if "NoCredentialsError" in names or "PartialCredentialsError" in names:
             return RemoteError(
@@ -426,8 +424,3 @@ def _bucket_missing(exc: BaseException) -> bool:
 def _connection_error(names: set[str]) -> bool:
     markers = ("Connect", "Connection", "Endpoint", "Timeout", "Payload", "IncompleteRead", "Disconnected")
     return any(marker in name for name in names for marker in markers)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

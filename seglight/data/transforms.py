@@ -9,7 +9,8 @@ import torch
 from monai import transforms as mt
 from monai.transforms.utils import map_spatial_axes
 
-from seglight.core.io import describe_exception, load_nifti, unreadable_nifti
+from seglight.core.errors import describe_exception
+from seglight.core.io import load_nifti, unreadable_nifti
 
 # The size every volume is resized to in resize mode (x, y, z): the reference lab's.
 DEFAULT_SPATIAL_SIZE = (128, 128, 64)

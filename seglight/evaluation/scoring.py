@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from seglight.core.errors import DataError
-from seglight.core.io import atomic_write_text, is_nifti, load_nifti, read_array, spacing_from_affine
+from seglight.core.geometry import same_grid, spacing_from_affine
+from seglight.core.io import atomic_write_text, is_nifti, load_nifti, read_array
 from seglight.data import SegDataModule
 from seglight.data.datalists import IMAGE, LABEL, case_id_of, declared_labels, read_datalist_file
 from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN, read_folder_cases
@@ -332,7 +333,7 @@ def _score_case(
                 "case": case,
                 "status": f"shape differs: prediction {pred_shape}, ground truth {gt_shape}",
             }
-        if not np.allclose(pred_img.affine, gt_img.affine, atol=1e-3):
+        if not same_grid(pred_img.affine, gt_img.affine):
             return {
                 "case": case,
                 "status": "geometry differs: the prediction's affine is not the ground truth's (flipped or shifted?)",

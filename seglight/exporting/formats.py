@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seglight.core.errors import ConfigError, SeglightError
+from seglight.core.errors import ConfigError, SeglightError, first_line
 from seglight.core.io import atomic_write_bytes, atomic_write_text
 from seglight.core.utils import plain
 from seglight.exporting.metadata import (
@@ -294,7 +294,7 @@ def _to_torchscript(network: nn.Module, example: torch.Tensor) -> tuple[bytes, s
             module = torch.jit.script(network)
             how = "torch.jit.script"
         except Exception as scripting:  # scripting refuses much Python (SwinUNETR's): tracing may still work
-            log.info("TorchScript: scripting failed (%s); tracing instead", _first_line(scripting))
+            log.info("TorchScript: scripting failed (%s); tracing instead", first_line(scripting))
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -302,7 +302,7 @@ def _to_torchscript(network: nn.Module, example: torch.Tensor) -> tuple[bytes, s
             except Exception as tracing:
                 raise SeglightError(
                     f"format=torchscript: torch cannot script or trace {type(network).__name__} "
-                    f"({_first_line(tracing)}); try format=onnx"
+                    f"({first_line(tracing)}); try format=onnx"
                 ) from None
             how = "torch.jit.trace"
     buffer = io.BytesIO()
@@ -333,7 +333,7 @@ def _to_onnx(
             )
         except Exception as exc:
             raise SeglightError(
-                f"format=onnx dynamo=false: torch cannot export {type(network).__name__} ({_first_line(exc)})"
+                f"format=onnx dynamo=false: torch cannot export {type(network).__name__} ({first_line(exc)})"
             ) from None
     return buffer.getvalue(), f"torch.onnx.export(dynamo=False), opset {opset}"
 
@@ -494,13 +494,13 @@ def _check(
         with torch.no_grad():
             expected = network(x)
     except Exception as exc:  # the network itself does not take this size
-        return _Check(shape, False, error=f"the checkpoint's network fails: {_first_line(exc)}")
+        return _Check(shape, False, error=f"the checkpoint's network fails: {first_line(exc)}")
     passed, difference = True, 0.0
     for _ in range(runs):
         try:
             got = run_exported(x)
         except Exception as exc:  # the exported model does not take this shape
-            return _Check(shape, False, error=_first_line(exc))
+            return _Check(shape, False, error=first_line(exc))
         if got.shape != expected.shape:
             return _Check(shape, False, error=f"logits of shape {list(got.shape)}")
         difference = max(difference, float((got - expected).abs().max()) if got.numel() else 0.0)
@@ -558,9 +558,4 @@ def _export_failure(error: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if "## Exception summary" in lines[:-1]:
         return lines[lines.index("## Exception summary") + 1]
-    return lines[0] if lines else type(error).__name__
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__

@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_hausdorff_distance
 from monai.metrics.utils import do_metric_reduction
 
-from seglight.core.io import spacing_from_affine
+from seglight.core.geometry import spacing_from_affine
 
 
 def image_spacing(image: torch.Tensor) -> list[list[float]] | None:

@@ -25,7 +25,7 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from seglight.core.errors import ConfigError, DataError, find_user_error
+from seglight.core.errors import ConfigError, DataError, find_user_error, first_line
 from seglight.core.io import atomic_path, load_nifti
 from seglight.core.utils import plain
 from seglight.data.datalists import IMAGE
@@ -489,10 +489,10 @@ def predict_cases(
         except Exception as exc:  # one bad scan (unreadable, too large for memory...) must not stop the rest
             user_error = find_user_error(exc)  # MONAI's Compose wraps the DataError our loader raises
             if user_error is not None:
-                why = _first_line(user_error)  # it names the file
+                why = first_line(user_error)  # it names the file
                 log.error("[%d/%d] %s: FAILED: %s", number, len(cases), case.case_id, why)
             else:
-                why = f"{case.first_file}: {type(exc).__name__}: {_first_line(exc)}"
+                why = f"{case.first_file}: {type(exc).__name__}: {first_line(exc)}"
                 log.exception("[%d/%d] %s: FAILED: %s", number, len(cases), case.case_id, why)
             report.failed[case.case_id] = why
             continue
@@ -611,8 +611,3 @@ def _predict_with_module(module: SegModule, image: Any, data: Any, **options: An
     finally:
         module.to(device).train(was_training)
     return result.mask_image()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from seglight.core.errors import ConfigError
+from seglight.core.errors import ConfigError, first_line
 from seglight.core.io import atomic_path, remove_partial_files
 
 log = logging.getLogger("seglight")
@@ -157,7 +157,7 @@ def safe_load(path: str | Path, option: str | None = None, mmap: bool = False) -
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ConfigError(
             f"{subject}: not a readable PyTorch checkpoint (truncated, damaged or another format: "
-            f"{_first_line(exc)})"
+            f"{first_line(exc)})"
         ) from None
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise ConfigError(
@@ -363,7 +363,7 @@ def _check_sharded_checkpoint(path: Path, subject: str) -> str:
         meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(
-            f"{subject}: a sharded checkpoint folder whose {SHARDED_META} is not readable ({_first_line(exc)})"
+            f"{subject}: a sharded checkpoint folder whose {SHARDED_META} is not readable ({first_line(exc)})"
         ) from None
     missing = [key for key in ("epoch", "global_step", "loops") if key not in meta]
     if missing:
@@ -391,13 +391,6 @@ def _state_dict_mismatch(saved: Mapping[str, Any], current: Mapping[str, torch.T
             f"{len(reshaped)} of another shape, e.g. {k} {list(saved[k].shape)} vs {list(current[k].shape)}"
         )
     return "; ".join(parts)
-
-
-def _first_line(exc: BaseException) -> str:
-    """``Type: first sentence`` of an exception (torch's explanations run on for several sentences)."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0].split(". ")[0].rstrip(".") if lines else ""
-    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:

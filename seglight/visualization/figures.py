@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from seglight.core.errors import ConfigError, DataError
-from seglight.core.io import atomic_path, load_nifti, read_array, spacing_from_affine
+from seglight.core.geometry import same_grid, spacing_from_affine
+from seglight.core.io import atomic_path, load_nifti, read_array
 
 log = logging.getLogger("seglight")
 
@@ -138,8 +139,7 @@ def nifti_figure(
     assert reference is not None
     for name, other in zip(("label", "pred"), images[1:], strict=True):
         if other is not None and (
-            other.shape[:3] != reference.shape[:3]
-            or not np.allclose(other.affine, reference.affine, atol=1e-3)
+            other.shape[:3] != reference.shape[:3] or not same_grid(other.affine, reference.affine)
         ):
             raise DataError(
                 f"{name}: not on the image's voxel grid (shape or affine differs), cannot overlay"

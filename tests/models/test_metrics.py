@@ -14,7 +14,7 @@ from monai.data import DataLoader, MetaTensor
 from torch import nn
 
 from seglight import SegModule
-from seglight.core.io import spacing_from_affine
+from seglight.core.geometry import spacing_from_affine
 from seglight.data.demo import demo_affine
 from seglight.data.transforms import deterministic_transforms
 from seglight.models.metrics import HD95Metric, image_spacing, per_class_means

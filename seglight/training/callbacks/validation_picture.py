@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from seglight.core.errors import ConfigError
-from seglight.core.io import spacing_from_affine
+from seglight.core.geometry import spacing_from_affine
 from seglight.visualization.figures import SLICE_CHOICES, figure_to_rgb, three_panel_figure
 
 
