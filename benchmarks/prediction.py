@@ -1,7 +1,7 @@
 """Prediction throughput: ``seglight.predict`` against a bare ``sliding_window_inference`` + ``nibabel.save`` loop
 (``lab.py``), with the same weights, on the same demo scans, both writing a mask in each scan's own grid.
 
-seglight's figure is ``seglight.prediction.predictor.predict`` as ``python -m seglight.predict`` calls it (checkpoint loading,
+seglight's figure is ``seglight.prediction.cases.predict`` as ``python -m seglight.predict`` calls it (checkpoint loading,
 preprocessing, windows, inversion to the scan's geometry, atomic NIfTI writes); the bare loop loads the same weights
 into the lab's network. Volumes per second, alternating runs, median over ``--repeats``.
 
@@ -26,7 +26,7 @@ from lab import lab_model, predict_lab
 from results import Row, format_table, median, spread, write_results
 
 from seglight import build, compose
-from seglight.prediction.predictor import predict
+from seglight.prediction.cases import predict
 
 
 def make_checkpoint(overrides: Sequence[str], run_dir: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from seglight.core.console import setup_library
 from seglight.training.run_folder import register_resolvers
 
 __version__ = "0.1.0"
@@ -34,5 +35,9 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        # The API's console is the commands' (no Lightning start-up lines, known warnings dropped); after the
+        # import, which gives Lightning's loggers their own stderr handlers.
+        setup_library()
+        return value
     raise AttributeError(f"module 'seglight' has no attribute {name!r}")

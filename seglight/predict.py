@@ -11,7 +11,7 @@ from seglight.core.console import setup as setup_console
 from seglight.core.errors import ConfigError, DataError, reported_errors
 from seglight.core.utils import plain
 from seglight.data.remote import is_remote
-from seglight.prediction.predictor import PredictionReport, predict
+from seglight.prediction.cases import PredictionReport, predict
 from seglight.training.checkpoints import model_checkpoints
 
 _EXAMPLE = "python -m seglight.predict ckpt=<run>/checkpoints/last.ckpt input=<scan.nii.gz or folder> output=<folder>"

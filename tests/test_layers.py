@@ -16,6 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "seglight"
 # What the LightningModule must work without: a module that imports any of these depends on prediction.
 PREDICTION_SIDE = (
     "seglight.prediction.predictor",
+    "seglight.prediction.models",
+    "seglight.prediction.cases",
     "seglight.predict",
     "seglight.evaluate",
     "seglight.evaluation.scoring",
@@ -154,6 +156,9 @@ def definitions() -> dict[str, list[str]]:
         ("hd95_mm", "seglight.models.metrics"),
         ("predict_volume", "seglight.prediction.predictor"),
         ("DEFAULT_SPATIAL_SIZE", "seglight.data.transforms"),
+        ("describe_transform", "seglight.data.transforms"),
+        ("pipeline_settings", "seglight.data.transforms"),
+        ("load_module", "seglight.prediction.models"),
         ("DEFAULT_PATCH", "seglight.data.datamodule"),
         ("DEFAULT_INFERENCE", "seglight.training.module"),
         ("DEFAULT_COMPUTE", "seglight.models.networks"),

@@ -1,7 +1,9 @@
 """What a run prints: seglight's notices without the libraries' noise, a progress bar in a terminal, and one line
 per epoch where the output goes to a log (CI, nohup, SLURM, SageMaker/CloudWatch).
 
-Entry points call ``setup()`` first. Known noise is dropped by exact message and issuing module only (a deprecation
+Entry points call ``setup()`` first; seglight's Python API (``from seglight import compose, build``) calls
+``setup_library()``, which gives a notebook or a script the same console without taking over logging that is
+already configured. Known noise is dropped by exact message and issuing module only (a deprecation
 that MONAI or Lightning raise inside their own code, an advertisement, a hint about a loader seglight chose on
 purpose); every other warning still shows, once, as one log line that also lands in the run's log file.
 ``hydra.verbose=true`` (or ``SEGLIGHT_VERBOSE=1`` for any entry point) shows everything.
@@ -80,6 +82,9 @@ LOG_NOISE: tuple[tuple[str, str], ...] = (
 QUIET_LOGGERS = ("alembic", "mlflow.store", "mlflow.tracking._tracking_service")
 
 _original_showwarning = warnings.showwarning
+# The loggers Lightning gives a handler of their own when it is imported before logging is configured.
+_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+_library_ready = False  # setup_library() has run in this process
 
 
 def _quiet_startup_loggers(quiet: bool) -> None:
@@ -132,6 +137,31 @@ def setup(verbose: bool | None = None) -> bool:
     return verbose
 
 
+def setup_library() -> None:
+    """The commands' console for seglight's Python API (a notebook, a script), once per process.
+
+    Where nobody has configured logging yet, this is ``setup()``. Where the root logger already has handlers (the
+    user's own logging, a test runner's), nothing is replaced: the same noise filters are added to those handlers
+    and to the ones Lightning adds for itself, unless ``SEGLIGHT_VERBOSE=1`` asks to see everything.
+    """
+    global _library_ready
+    if _library_ready:
+        return
+    _library_ready = True
+    root = logging.getLogger()
+    if not root.handlers:
+        setup()
+        return
+    if wants_everything():
+        return
+    lightning = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    for handler in [*root.handlers, *(h for logger in lightning for h in logger.handlers)]:
+        _add_filter_once(handler, _LibraryNoise)
+    for noise in WARNING_NOISE:
+        _ignore(noise)
+    _quiet_startup_loggers(True)
+
+
 def resuming() -> None:
     """Drop the warnings a run that continues in its own folder triggers by design (unless verbose)."""
     if not wants_everything():
@@ -147,7 +177,7 @@ def _route_lightning_to_root(root: logging.Logger) -> None:
     stderr handlers Lightning adds for itself when it is imported before logging is configured."""
     if not root.handlers:
         return
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+    for name in _LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             if type(handler) is logging.StreamHandler:

@@ -1,10 +1,15 @@
-"""The transform pipelines: a deterministic prefix (cacheable) and a random suffix (training only)."""
+"""The transform pipelines: a deterministic prefix (cacheable) and a random suffix (training only), and the one
+description of their transforms that both the disk cache's key and an exported model's JSON are made from."""
 
 from __future__ import annotations
 
+import enum
+import inspect
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai import transforms as mt
 from monai.transforms.utils import map_spatial_axes
@@ -80,6 +85,15 @@ def deterministic_transforms(
     if label_key:
         steps.append(CompactLabeld(keys=label_key))
     return steps
+
+
+def pipeline_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """``deterministic_transforms``' settings: those ``saved`` gives (matched by name), the others at its defaults.
+
+    Checkpoints save the data settings by name, so options added to the pipeline later are picked up here.
+    """
+    parameters = inspect.signature(deterministic_transforms).parameters
+    return {name: saved.get(name, p.default) for name, p in parameters.items()}
 
 
 class CompactLabeld(mt.MapTransform):
@@ -179,6 +193,112 @@ class RandFlipd(mt.RandFlipd):
             for key in keys:
                 d[key] = torch.flip(d[key], map_spatial_axes(d[key].ndim, self.flipper.spatial_axis))
         return d
+
+
+def describe_transform(obj: Any, depth: int = 0) -> Any:
+    """A JSON-able description of a transform's class and public settings, recursively (no addresses, no RNG state).
+
+    The disk cache's key hashes it (an entry is reused only while it is unchanged), and ``describe_steps`` reads
+    an exported model's preprocessing from it.
+    """
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if depth > 6:
+        return type(obj).__qualname__
+    if isinstance(obj, enum.Enum):
+        return str(obj.value)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, list | tuple | set | frozenset):
+        items = [describe_transform(x, depth + 1) for x in obj]
+        return sorted(items, key=str) if isinstance(obj, set | frozenset) else items
+    if isinstance(obj, Mapping):
+        return {
+            str(k): describe_transform(v, depth + 1) for k, v in obj.items() if not str(k).startswith("_")
+        }
+    if isinstance(obj, np.ndarray | torch.Tensor):
+        array = np.asarray(obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj)
+        return array.tolist() if array.size <= 64 else [list(array.shape), str(array.dtype)]
+    if isinstance(obj, np.random.RandomState | np.random.Generator | torch.Generator):
+        return "rng"
+    if isinstance(obj, type | torch.dtype | np.dtype) or not hasattr(obj, "__dict__"):
+        return getattr(obj, "__qualname__", None) or str(obj)
+    if callable(obj) and not isinstance(obj, mt.Transform) and hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"  # a function
+    attributes = {k: describe_transform(v, depth + 1) for k, v in vars(obj).items() if not k.startswith("_")}
+    return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **attributes}
+
+
+# What each transform of the pipeline is called in an exported model's JSON, and what it does, in words; the
+# settings themselves are read from the transform. Others go by their class name.
+STEPS: dict[type, tuple[str, str]] = {
+    LoadCased: ("load", "read the scan's NIfTI file (several files of one case are stacked as channels)"),
+    mt.EnsureChannelFirstd: ("channel_first", "channels on the first axis"),
+    mt.Orientationd: ("orient", "reorient the voxel axes to axcodes"),
+    mt.Resized: ("resize", "resize to spatial_size voxels (x, y, z)"),
+    mt.Spacingd: ("resample", "resample to pixdim mm per voxel (x, y, z), keeping the scan's extent"),
+    mt.ScaleIntensityRanged: ("intensity", "map a_min..a_max linearly to b_min..b_max (clipped when clip)"),
+    mt.EnsureTyped: ("dtype", "a tensor of dtype"),
+    CompactLabeld: ("compact_label", "labels of whole numbers 0..255 as uint8"),
+}
+# The MONAI transform a deployment uses where seglight has its own (LoadCased: LoadImaged with clearer errors).
+MONAI_EQUIVALENTS: dict[type, type] = {LoadCased: mt.LoadImaged}
+# Constructor arguments that say which items a transform applies to or how it runs, not what it does.
+_NOT_SETTINGS = {"self", "keys", "allow_missing_keys", "lazy", "args", "kwargs"}
+
+
+def describe_steps(transforms: Sequence[mt.Transform]) -> list[dict[str, Any]]:
+    """Each transform as a step a deployment can rebuild: its name and purpose (``STEPS``), the MONAI call that does it,
+    and that call's arguments, read from the transform object as ``describe_transform`` finds them (a setting that
+    MONAI keeps per key, for the one key of prediction's image-only pipeline, as that key's value)."""
+    steps = []
+    for transform in transforms:
+        monai_class = MONAI_EQUIVALENTS.get(type(transform), type(transform))
+        found = _settings(describe_transform(transform))
+        arguments = inspect.signature(monai_class.__init__).parameters
+        settings = {name: found[name] for name in arguments if name in found and name not in _NOT_SETTINGS}
+        keys = list(getattr(transform, "keys", ()))
+        call = [f"keys={keys!r}"] * bool(keys) + [f"{name}={value!r}" for name, value in settings.items()]
+        name, what = STEPS.get(type(transform), (type(transform).__name__, None))
+        step = {"step": name, **({"what": what} if what else {})}
+        steps.append({**step, "monai": f"{monai_class.__name__}({', '.join(call)})", **settings})
+    return steps
+
+
+def _settings(described: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings in a transform's description and in those of the transforms it holds (the outer ones win: a
+    dictionary transform passes its own to the array transform it wraps), JSON-safe (NaN as null)."""
+    one_key = isinstance(described.get("keys"), list) and len(described["keys"]) == 1
+    found: dict[str, Any] = {}
+    held: list[Mapping[str, Any]] = []
+    for name, value in described.items():
+        if name == "class":
+            continue
+        if isinstance(value, Mapping):
+            # A transform it holds, or a mapping of them (LoadCased's loader per key).
+            held.extend(
+                [value] if "class" in value else [v for v in value.values() if isinstance(v, Mapping)]
+            )
+            continue
+        if one_key and name not in _NOT_SETTINGS and isinstance(value, list) and len(value) == 1:
+            value = value[0]  # MONAI's per-key tuple
+        found[name] = _json_safe(value)
+    for inner in held:
+        for name, value in _settings(inner).items():
+            found.setdefault(name, value)
+    return found
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (an unset bound: MONAI's ``[nan]``), MONAI's string enums as str."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list):
+        items = [_json_safe(v) for v in value]
+        return None if items and all(v is None for v in items) else items
+    return value
 
 
 def oriented_geometry(path: str, orientation: str | None = "RAS") -> tuple[list[int], list[float]]:

@@ -33,8 +33,10 @@ from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN, 
 from seglight.data.remote import RemoteCache, is_remote, join_path
 from seglight.data.sources import meta_beside, read_source
 from seglight.models.metrics import hd95_mm
+from seglight.prediction.cases import predict_cases
+from seglight.prediction.inputs import InputCase
 from seglight.prediction.postprocessing import keep_largest_component, write_plan
-from seglight.prediction.predictor import InputCase, Predictor, predict_cases
+from seglight.prediction.predictor import Predictor
 
 log = logging.getLogger("seglight")
 

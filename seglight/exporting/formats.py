@@ -3,8 +3,8 @@
 The exported model is the plain network (no activation checkpointing, channels_last or torch.compile: those are
 training switches) in eval mode. It takes a preprocessed batch ``(B, C, X, Y, Z)`` of float32, exactly as the
 training pipeline makes it, and returns logits ``(B, K, X, Y, Z)``. Before anything is written, the exported
-model is run against the checkpoint's network on small random volumes: TorchScript must give identical logits,
-ONNX (through ONNX Runtime) logits within 1e-4. The same runs decide which input sizes the JSON promises: any
+model is run against the checkpoint's network on small random volumes (``seglight.exporting.checks``): TorchScript
+must give identical logits, ONNX (through ONNX Runtime) logits within 1e-4. The same runs decide which input sizes the JSON promises: any
 batch size, and spatial sizes that are multiples of the network's divisor, only where they were checked.
 The JSON (``seglight.exporting.metadata``) is also embedded in the model file, so the two cannot part.
 """
@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,17 +29,23 @@ from torch import nn
 from seglight.core.errors import ConfigError, SeglightError, first_line
 from seglight.core.io import atomic_write_bytes, atomic_write_text
 from seglight.core.utils import plain
+from seglight.exporting.checks import (
+    accepted_shapes,
+    compare,
+    example_input,
+    onnx_runner,
+    torchscript_runner,
+)
 from seglight.exporting.metadata import (
     INPUT_NAME,
     METADATA_NAME,
-    ONNX_TOLERANCE,
     OUTPUT_NAME,
     describe,
     metadata_path_of,
     patch_setting,
 )
 from seglight.models.networks import check_input_size, class_name, size_divisors, split_options
-from seglight.prediction.predictor import load_module
+from seglight.prediction.models import load_module, preprocessing
 from seglight.training.checkpoints import safe_load
 from seglight.training.module import SegModule, build_network
 
@@ -51,8 +57,6 @@ SUFFIXES = {"torchscript": (".pt", ".ts", ".pth"), "onnx": (".onnx",)}
 # ONNX Runtime >= 1.14 and TensorRT >= 8.6 read it.
 DEFAULT_OPSET = 18
 INSTALL_HINT = 'pip install "seglight[export]"'
-# Divisor tried for networks whose input-size rule seglight does not know, when checking other sizes.
-UNKNOWN_DIVISOR = 16
 
 
 @dataclass
@@ -62,17 +66,6 @@ class ExportResult:
     model_path: Path
     metadata_path: Path
     metadata: dict[str, Any]
-
-
-@dataclass
-class _Check:
-    """One comparison of the exported model with the checkpoint's network."""
-
-    shape: list[int]
-    passed: bool
-    max_abs_difference: float | None = None
-    error: str | None = None
-    output_shape: list[int] | None = None
 
 
 def export_checkpoint(
@@ -110,13 +103,13 @@ def export_checkpoint(
     divisors = size_divisors(net_config, len(size))
 
     if fmt == "torchscript":
-        model_bytes, how = _to_torchscript(network, _example(in_channels, size, batch=2))
-        run_exported = _torchscript_runner(model_bytes)
+        model_bytes, how = _to_torchscript(network, example_input(in_channels, size, batch=2))
+        run_exported = torchscript_runner(model_bytes)
     else:
         model_bytes, how = _to_onnx(network, in_channels, size, divisors, int(opset), bool(dynamo))
-        run_exported = _onnx_runner(model_bytes)
-    checks = _compare(network, run_exported, in_channels, size, divisors, exact=fmt == "torchscript")
-    shapes = _accepted_shapes(checks, size, divisors, fmt, ckpt)
+        run_exported = onnx_runner(model_bytes)
+    checks = compare(network, run_exported, in_channels, size, divisors, exact=fmt == "torchscript")
+    shapes = accepted_shapes(checks, size, divisors, fmt, ckpt)
 
     export = {
         "format": fmt,
@@ -127,7 +120,9 @@ def export_checkpoint(
         "trained_size": _trained(module, data),
     }
     found = {name: vars(check) for name, check in checks.items()}
-    metadata = describe(dict(module.hparams), data, ckpt, export, shapes, found)
+    # The transforms prediction runs for this checkpoint: the JSON describes them, not a restatement of them.
+    pipeline = preprocessing(dict(module.hparams.data))
+    metadata = describe(dict(module.hparams), data, pipeline, ckpt, export, shapes, found)
     text = json.dumps(metadata, indent=2)
     model_bytes = _with_metadata(fmt, model_bytes, text)
     metadata_path = metadata_path_of(model_path)
@@ -271,12 +266,6 @@ def input_channels(net_config: Mapping[str, Any]) -> int:
 # -- exporting ---------------------------------------------------------------------------------------------------
 
 
-def _example(channels: int, size: Sequence[int], batch: int) -> torch.Tensor:
-    """Random values in [0, 1] (the windowed intensities), deterministic, shape ``(batch, channels, *size)``."""
-    generator = torch.Generator().manual_seed(0)
-    return torch.rand(batch, channels, *[int(s) for s in size], generator=generator)
-
-
 def _traceable_size(size: Sequence[int], divisors: Sequence[int] | None) -> list[int]:
     """``size``, raised where the network's deepest feature map would be one voxel.
 
@@ -316,7 +305,7 @@ def _to_onnx(
     """ONNX bytes of the network, with a dynamic batch and dynamic spatial sizes where the exporter allows."""
     if dynamo:
         return _to_onnx_dynamo(network, channels, size, divisors, opset)
-    example = _example(channels, size, batch=2)
+    example = example_input(channels, size, batch=2)
     axes = {0: "batch", 2: "x", 3: "y", 4: "z"}
     buffer = io.BytesIO()
     with _quiet_exporter(), torch.no_grad():
@@ -360,7 +349,7 @@ def _to_onnx_dynamo(
     ]
     failures = []
     for what, example_size, dims, batch_size in attempts:
-        example = _example(channels, example_size, batch=batch_size)
+        example = example_input(channels, example_size, batch=batch_size)
         try:
             with _quiet_exporter(), torch.no_grad():
                 program = torch.onnx.export(
@@ -428,121 +417,6 @@ def _with_metadata(fmt: str, model_bytes: bytes, text: str) -> bytes:
     onnx.helper.set_model_props(model, {METADATA_NAME: text})
     model.doc_string = "seglight segmentation network: preprocessed image (B, C, X, Y, Z) -> logits"
     return model.SerializeToString()
-
-
-# -- checking --------------------------------------------------------------------------------------------------
-
-
-def _torchscript_runner(model_bytes: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
-    module = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu").eval()
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return module(x)
-
-    return run
-
-
-def _onnx_runner(model_bytes: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
-
-    return run
-
-
-def _compare(
-    network: nn.Module,
-    run_exported: Callable[[torch.Tensor], torch.Tensor],
-    channels: int,
-    size: list[int],
-    divisors: list[int] | None,
-    exact: bool,
-) -> dict[str, _Check]:
-    """Run the network and the exported model on the same volumes: a batch of 2 at the trained size, then one
-    volume of another size the network takes (and, if that is refused, one volume at the trained size)."""
-    step = divisors or [UNKNOWN_DIVISOR] * len(size)
-    inputs = {
-        "trained_size": (2, size),
-        "other_size": (1, [s + d for s, d in zip(size, step, strict=True)]),
-        "batch_of_one": (1, size),
-    }
-    checks: dict[str, _Check] = {}
-    for name, (batch, volume_size) in inputs.items():
-        if name == "batch_of_one" and checks["other_size"].passed:
-            break  # a batch of one at another size passed: batch and size are both free
-        # TorchScript runs a profiled graph first and an optimised one from the next call on: check both.
-        runs = 2 if exact and name == "trained_size" else 1
-        x = _example(channels, volume_size, batch=batch)
-        checks[name] = _check(network, run_exported, x, exact, runs)
-    return checks
-
-
-def _check(
-    network: nn.Module,
-    run_exported: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    exact: bool,
-    runs: int = 1,
-) -> _Check:
-    """Compare the exported model's logits for ``x`` with the network's, ``runs`` times."""
-    shape = list(x.shape)
-    try:
-        with torch.no_grad():
-            expected = network(x)
-    except Exception as exc:  # the network itself does not take this size
-        return _Check(shape, False, error=f"the checkpoint's network fails: {first_line(exc)}")
-    passed, difference = True, 0.0
-    for _ in range(runs):
-        try:
-            got = run_exported(x)
-        except Exception as exc:  # the exported model does not take this shape
-            return _Check(shape, False, error=first_line(exc))
-        if got.shape != expected.shape:
-            return _Check(shape, False, error=f"logits of shape {list(got.shape)}")
-        difference = max(difference, float((got - expected).abs().max()) if got.numel() else 0.0)
-        if exact:
-            passed = passed and torch.equal(got, expected)
-        else:
-            passed = passed and bool(
-                torch.isclose(got, expected, rtol=ONNX_TOLERANCE, atol=ONNX_TOLERANCE).all()
-            )
-    return _Check(shape, passed, difference, output_shape=list(got.shape))
-
-
-def _accepted_shapes(
-    checks: Mapping[str, _Check], size: list[int], divisors: list[int] | None, fmt: str, ckpt: str | Path
-) -> dict[str, Any]:
-    """What the checks showed the exported model takes; SeglightError when it disagrees at the trained size."""
-    trained, other, single = checks["trained_size"], checks["other_size"], checks.get("batch_of_one")
-    if not trained.passed and not (single and single.passed):
-        why = trained.error or (
-            f"logits differ by up to {trained.max_abs_difference:.3g} "
-            + (
-                "(TorchScript must match exactly)"
-                if fmt == "torchscript"
-                else f"(more than {ONNX_TOLERANCE:g})"
-            )
-        )
-        raise SeglightError(
-            f"ckpt={ckpt}: the exported {fmt} model does not reproduce the checkpoint: {why}; nothing written"
-        )
-    if other.passed:
-        batch: int | str = "any"
-        spatial: dict[str, Any] = {"dynamic": True}
-        if divisors is not None:
-            spatial["multiple_of"] = list(divisors)
-        else:
-            spatial["note"] = "sizes this network takes; checked at the sizes listed under verification"
-        return {"batch": batch, "spatial": spatial}
-    log.info(
-        "The exported model takes volumes of %s only (%s)", size, other.error or "its logits differ there"
-    )
-    batch = "any" if trained.passed and single is not None and single.passed else (2 if trained.passed else 1)
-    return {"batch": batch, "spatial": {"dynamic": False, "size": list(size)}}
 
 
 def _trained(module: SegModule, data: Mapping[str, Any]) -> list[int] | None:

@@ -3,7 +3,7 @@ the other.
 
 Written beside the model file (``<model file>.json``) and into it (a TorchScript extra file, ONNX metadata),
 so a deployment can rebuild seglight's preprocessing without seglight: each step with its settings and the
-MONAI transform that does it, the channels, label values and names, the activation, the input sizes the model
+MONAI call that does it, read from the very transform objects prediction runs (``describe_steps``), the channels, label values and names, the activation, the input sizes the model
 was checked to take, the package versions and the checkpoint it came from.
 """
 
@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from monai import transforms as mt
+
+from seglight.data.transforms import describe_steps, pipeline_settings
 from seglight.models.networks import split_options
+from seglight.training.module import DEFAULT_INFERENCE
 from seglight.training.summary import checkpoint_epoch, package_versions
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -32,6 +36,7 @@ def metadata_path_of(model_path: Path) -> Path:
 def describe(
     hparams: Mapping[str, Any],
     data: Mapping[str, Any],
+    pipeline: Sequence[mt.Transform],
     ckpt: Path,
     export: Mapping[str, Any],
     shapes: Mapping[str, Any],
@@ -42,6 +47,7 @@ def describe(
     Args:
         hparams: the checkpoint module's hyperparameters (network config, threshold, label names, inference).
         data: the data settings it was trained with.
+        pipeline: the deterministic transforms that prepare its input, as prediction builds them.
         ckpt: the checkpoint file.
         export: ``format``, ``model_file``, ``exported_by``, ``opset``, ``parameters``, ``trained_size``.
         shapes: what the exported model takes: ``batch`` (``any`` or a number) and ``spatial``.
@@ -84,7 +90,7 @@ def describe(
         },
         "activation": _activation(out_channels, float(hparams.get("threshold", 0.5))),
         "labels": _labels(hparams.get("label_names") or {}, out_channels),
-        "preprocessing": _preprocessing(data, hparams.get("inference") or {}),
+        "preprocessing": _preprocessing(pipeline, hparams.get("inference") or {}),
         "data_settings": _data_settings(data),
         "verification": {
             "device": "cpu",
@@ -165,71 +171,32 @@ def _labels(names: Mapping[Any, str], out_channels: int) -> dict[str, str]:
     return {str(v): named.get(v, "background" if v == 0 else f"class{v}") for v in values}
 
 
-def _preprocessing(data: Mapping[str, Any], inference: Mapping[str, Any]) -> dict[str, Any]:
-    """The steps that turn a scan into the model's input, in order, with the MONAI transform that does each."""
-    orientation = data.get("orientation", "RAS")
-    mode = data.get("mode", "resize")
-    a_min, a_max = float(data.get("a_min", -1000.0)), float(data.get("a_max", 1000.0))
-    steps: list[dict[str, Any]] = [
-        {
-            "step": "load",
-            "monai": "LoadImaged(image_only=True), EnsureChannelFirstd()",
-            "what": "NIfTI, channel first",
-        }
-    ]
-    if orientation:
-        steps.append(
-            {"step": "orient", "axcodes": orientation, "monai": f"Orientationd(axcodes={orientation!r})"}
-        )
-    if mode == "resize":
-        size = [int(s) for s in data.get("spatial_size") or []]
-        steps.append(
-            {
-                "step": "resize",
-                "spatial_size": size,
-                "interpolation": "trilinear",
-                "monai": f"Resized(spatial_size={tuple(size)}, mode='trilinear')",
-            }
-        )
-    else:
-        spacing = patch_setting(data, "target_spacing")
-        if spacing is not None:
-            pixdim = tuple(float(s) for s in spacing)
-            steps.append(
-                {
-                    "step": "resample",
-                    "target_spacing_mm": list(pixdim),
-                    "interpolation": "bilinear",
-                    "monai": f"Spacingd(pixdim={pixdim}, mode='bilinear')",
-                }
-            )
-    steps.append(
-        {
-            "step": "intensity",
-            "a_min": a_min,
-            "a_max": a_max,
-            "b_min": 0.0,
-            "b_max": 1.0,
-            "clip": True,
-            "monai": f"ScaleIntensityRanged(a_min={a_min:g}, a_max={a_max:g}, b_min=0.0, b_max=1.0, clip=True)",
-        }
-    )
-    steps.append({"step": "dtype", "dtype": "float32", "monai": "EnsureTyped(dtype='float32')"})
-    if mode == "patch" and inference.get("roi_size"):
+def _preprocessing(pipeline: Sequence[mt.Transform], inference: Mapping[str, Any]) -> dict[str, Any]:
+    """The steps that turn a scan into the model's input, in order, each with the MONAI call that does it; how
+    whole volumes are run (as ``SegModule.infer`` does); and how the output goes back to the scan."""
+    steps = describe_steps(pipeline)
+    window = {**DEFAULT_INFERENCE, **inference}
+    if window["roi_size"]:
+        roi, batch = [int(s) for s in window["roi_size"]], int(window["sw_batch_size"])
+        overlap, blend = float(window["overlap"]), str(window["mode"])
         run = {
             "type": "sliding window",
-            "roi_size": [int(s) for s in inference["roi_size"]],
-            "overlap": float(inference.get("overlap", 0.5)),
-            "blend": inference.get("mode", "gaussian"),
-            "monai": "SlidingWindowInferer(roi_size, overlap=..., mode=...)",
+            "roi_size": roi,
+            "sw_batch_size": batch,
+            "overlap": overlap,
+            "blend": blend,
+            "monai": f"SlidingWindowInferer(roi_size={roi}, sw_batch_size={batch}, overlap={overlap}, mode={blend!r})",
         }
     else:
-        run = {"type": "whole volume", "note": "the resized volume is one input"}
+        run = {"type": "whole volume", "note": "the preprocessed volume is one input"}
+    undone = [
+        step["step"] for step, t in zip(steps, pipeline, strict=True) if isinstance(t, mt.InvertibleTransform)
+    ]
     return {
         "steps": steps,
         "inference": run,
         "back_to_the_scan": (
-            "undo the resize/resampling and the reorientation (MONAI's Invertd, as seglight.predict does): "
+            f"undo {', then '.join(reversed(undone)) or 'nothing'} (MONAI's Invertd, as seglight.predict does): "
             "probabilities are resampled linearly to the scan's grid, then activated into labels"
         ),
     }
@@ -256,7 +223,7 @@ def _data_settings(data: Mapping[str, Any]) -> dict[str, Any]:
     # Only the size options of the mode that was trained: the others are unused defaults that would mislead.
     unused = (
         ("target_spacing", "patch_size", "patch")
-        if data.get("mode", "resize") == "resize"
+        if pipeline_settings(data)["mode"] == "resize"
         else ("spatial_size",)
     )
     settings = {key: data[key] for key in _DATA_KEYS if data.get(key) is not None and key not in unused}

@@ -1,19 +1,18 @@
-"""From checkpoints to masks in the scan's own geometry.
+"""From checkpoints to masks in the scan's own geometry, one scan at a time.
 
 One model or an ensemble (the folds of a cross-validation), each loaded safely with the preprocessing it was
-trained with; sliding-window inference with optional flip test-time augmentation; the probabilities of all
-models averaged in the scan's voxel grid after inverting every spatial transform (orientation, resizing or
-resampling) with MONAI's ``Invertd``; the module's own ``labels``; optional largest-component post-processing;
-and NIfTI writing that keeps the input's shape and affine.
+trained with (``seglight.prediction.models``); sliding-window inference with optional flip test-time augmentation;
+the probabilities of all models averaged in the scan's voxel grid after inverting every spatial transform
+(orientation, resizing or resampling) with MONAI's ``Invertd``; the module's own ``labels``; optional
+largest-component post-processing; and masks as NIfTI images with the input's shape and affine. Many inputs into
+a folder: ``seglight.prediction.cases``.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,129 +24,26 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from seglight.core.errors import ConfigError, DataError, find_user_error, first_line
-from seglight.core.io import atomic_path, load_nifti
+from seglight.core.errors import ConfigError, DataError
+from seglight.core.io import load_nifti
 from seglight.core.utils import plain
 from seglight.data.datalists import IMAGE
-from seglight.data.datamodule import PREPROCESSING_KEYS, prediction_settings
-from seglight.data.remote import RemoteCache, default_cache_dir, is_remote
-from seglight.data.transforms import deterministic_transforms
-from seglight.prediction.inputs import InputCase, list_inputs
+from seglight.data.datamodule import PREPROCESSING_KEYS
+from seglight.prediction.models import (
+    Model,
+    check_agreement,
+    data_settings,
+    model_from_checkpoint,
+    preprocessing,
+)
 from seglight.prediction.postprocessing import keep_largest_component, largest_component_labels
-from seglight.training.checkpoints import model_checkpoints, safe_load
+from seglight.training.checkpoints import model_checkpoints
 from seglight.training.module import DEFAULT_INFERENCE, SegModule
 
 log = logging.getLogger("seglight")
 
 PRED = "pred"
-# What the models of an ensemble must share: their probabilities are averaged channel by channel, and one
-# threshold or argmax turns the mean into label values.
-TASK_KEYS = ("in_channels", "out_channels", "label_names", "threshold")
 INFERENCE_MODES = ("gaussian", "constant")
-
-
-# -- models -------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Model:
-    """One model of a prediction: a module in memory, or a checkpoint's settings and weights kept on the CPU (memory
-    mapped) until its turn, so an ensemble needs the memory of one network."""
-
-    name: str  # the checkpoint file, or "module"
-    settings: dict[str, Any]  # SegModule's constructor arguments (its hyperparameters)
-    state_dict: Mapping[str, torch.Tensor] | None = None
-    module: SegModule | None = None
-
-    @property
-    def data(self) -> dict[str, Any]:
-        """The data settings that preprocess its input."""
-        return dict(self.settings.get("data") or {})
-
-    @property
-    def network(self) -> str:
-        """A key of the network config and compute switches: models with equal keys share one network."""
-        return json.dumps(
-            [self.settings.get("net"), self.settings.get("compute")], sort_keys=True, default=str
-        )
-
-    def task(self) -> dict[str, Any]:
-        """What an ensemble's models must agree on (see ``TASK_KEYS``)."""
-        net = self.settings.get("net") or {}
-        names = self.settings.get("label_names") or {}
-        return {
-            "in_channels": net.get("in_channels"),
-            "out_channels": net.get("out_channels", 1),
-            "label_names": {int(k): str(v) for k, v in names.items()},
-            "threshold": float(self.settings.get("threshold", 0.5)),
-        }
-
-
-def model_from_checkpoint(path: str | Path) -> Model:
-    """A checkpoint file as a ``Model``, read safely (``seglight.training.checkpoints.safe_load``), weights left on disk."""
-    checkpoint = safe_load(path, mmap=True)
-    hparams = plain(checkpoint.get("hyper_parameters"))
-    if not isinstance(hparams, Mapping) or "net" not in hparams:
-        raise ConfigError(
-            f"ckpt={path}: not a seglight checkpoint (its hyper_parameters have no network config 'net')"
-        )
-    # As Lightning's load_from_checkpoint does: pass the saved hyperparameters the constructor takes.
-    parameters = inspect.signature(SegModule.__init__).parameters
-    settings = {k: v for k, v in hparams.items() if k in parameters and k != "self"}
-    if not settings.get("data"):  # saved by older versions beside the module, as the data module's settings
-        settings["data"] = prediction_settings(checkpoint.get("datamodule_hyper_parameters") or {})
-    if not settings["data"]:
-        log.warning(
-            "ckpt=%s has no saved data settings: using SegDataModule's defaults for the preprocessing", path
-        )
-    return Model(name=str(path), settings=settings, state_dict=checkpoint["state_dict"])
-
-
-def load_module(path: str | Path) -> SegModule:
-    """A SegModule on the CPU in eval mode, from a checkpoint file read safely; it carries its data settings."""
-    model = model_from_checkpoint(path)
-    return _build(model)
-
-
-def _build(model: Model) -> SegModule:
-    """The module of a checkpoint model, with its weights (a ConfigError when they do not fit its config)."""
-    module = SegModule(**model.settings)
-    try:
-        module.load_state_dict(dict(model.state_dict or {}), strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(
-            f"ckpt={model.name}: the weights do not fit the saved network config ({first})"
-        ) from None
-    return module.eval()
-
-
-def data_settings(data: Any) -> dict[str, Any]:
-    """Prediction settings from a SegDataModule, a mapping of its settings, or a checkpoint file; {} for None."""
-    if data is None:
-        return {}
-    if isinstance(data, str | Path):
-        return model_from_checkpoint(data).data
-    if callable(getattr(data, "prediction_settings", None)):
-        return data.prediction_settings()
-    if isinstance(data, Mapping):
-        return prediction_settings(data)
-    raise ConfigError(
-        f"data: expected a SegDataModule, a mapping of its settings or a checkpoint, got {data!r}"
-    )
-
-
-def check_agreement(models: Sequence[Model]) -> None:
-    """ConfigError unless every model of an ensemble has the same channels, labels and threshold."""
-    first = models[0].task()
-    for other in models[1:]:
-        task = other.task()
-        for key in TASK_KEYS:
-            if task[key] != first[key]:
-                raise ConfigError(
-                    f"ckpt: the models disagree on {key}: {models[0].name} has {first[key]}, {other.name} has "
-                    f"{task[key]}; an ensemble averages models trained for the same labels and image channels"
-                )
 
 
 def inference_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -173,9 +69,6 @@ def inference_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
             f"inference.mode must be one of {', '.join(INFERENCE_MODES)}, got {given['mode']!r}"
         )
     return given
-
-
-# -- the predictor ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -302,16 +195,10 @@ class Predictor:
             return model.module.to(self.device).eval()
         if self._module is None or self._network != model.network:
             self._module = None  # free the previous network first
-            self._module = _build(model).to(self.device)
+            self._module = model.build().to(self.device)
             self._network = model.network
         elif self._loaded is not model:  # one model alone keeps its weights from case to case
-            try:
-                self._module.load_state_dict(dict(model.state_dict or {}), strict=True)
-            except RuntimeError as exc:
-                first = str(exc).strip().splitlines()[0]
-                raise ConfigError(
-                    f"ckpt={model.name}: the weights do not fit the saved network config ({first})"
-                ) from None
+            model.load_weights(self._module)
         self._loaded = model
         return self._module
 
@@ -387,18 +274,6 @@ class Predictor:
         return f"{models} on {self.device}" + (f" ({', '.join(extras)})" if extras else "")
 
 
-def preprocessing(data: Mapping[str, Any]) -> list[mt.Transform]:
-    """The deterministic training transforms for images only, with the saved settings.
-
-    The saved settings are matched by name to ``deterministic_transforms``' parameters, so options added to the
-    pipeline later are picked up without changes here.
-    """
-    parameters = inspect.signature(deterministic_transforms).parameters
-    kwargs = {k: v for k, v in data.items() if k in parameters}
-    kwargs.update(image_key=IMAGE, label_key=None)
-    return deterministic_transforms(**kwargs)
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` -> CUDA when available, else the CPU; a CUDA device without CUDA is a ConfigError."""
     name = str(device).lower()
@@ -419,16 +294,6 @@ def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
     return [combo for r in range(spatial_dims + 1) for combo in itertools.combinations(axes, r)]
 
 
-# -- inputs and outputs ------------------------------------------------------------------------------------------
-
-
-def _localize(image: str | list[str], store: RemoteCache) -> str | list[str]:
-    """The case's files, with remote ones fetched into the cache."""
-    if isinstance(image, list):
-        return [str(_localize(p, store)) for p in image]
-    return str(store.fetch(image)) if is_remote(image) else image
-
-
 def _like(reference: Any, array: np.ndarray) -> nib.Nifti1Image:
     """``array`` as a NIfTI image on ``reference``'s voxel grid: same affine and qform/sform codes."""
     if array.dtype == np.bool_:
@@ -441,137 +306,6 @@ def _like(reference: Any, array: np.ndarray) -> nib.Nifti1Image:
         image.set_qform(reference.get_qform(), code=int(header["qform_code"]))
         image.header.set_xyzt_units(*header.get_xyzt_units())
     return image
-
-
-def save_nifti(image: nib.Nifti1Image, path: Path) -> None:
-    """Write ``image`` atomically (``seglight.core.io.atomic_path``): no half-written mask is ever left."""
-    with atomic_path(path) as tmp:
-        nib.save(image, tmp)
-
-
-@dataclass
-class PredictionReport:
-    """What a prediction run wrote and what it could not do."""
-
-    output: Path
-    written: dict[str, Path] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # case -> what went wrong, naming the file
-
-    def raise_for_failures(self) -> None:
-        """A DataError naming every input that could not be predicted, if any."""
-        if not self.failed:
-            return
-        total = len(self.failed) + len(self.written)
-        lines = "\n  ".join(self.failed.values())
-        raise DataError(f"{len(self.failed)} of {total} input(s) could not be predicted:\n  {lines}")
-
-
-def predict_cases(
-    predictor: Predictor,
-    cases: Sequence[InputCase],
-    output: str | Path,
-    save_probabilities: bool = False,
-    store: RemoteCache | None = None,
-) -> PredictionReport:
-    """Predict each case into ``output/<case>.nii.gz`` (and ``output/probabilities/``), one failure at a time.
-
-    A case that cannot be read or used is logged and recorded, and the others are still predicted.
-    """
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    report = PredictionReport(output=output)
-    store = store or RemoteCache()
-    for number, case in enumerate(cases, start=1):
-        started = time.perf_counter()
-        try:
-            image = _localize(case.image, store)
-            result = predictor.predict_case(image, keep_probabilities=save_probabilities)
-        except Exception as exc:  # one bad scan (unreadable, too large for memory...) must not stop the rest
-            user_error = find_user_error(exc)  # MONAI's Compose wraps the DataError our loader raises
-            if user_error is not None:
-                why = first_line(user_error)  # it names the file
-                log.error("[%d/%d] %s: FAILED: %s", number, len(cases), case.case_id, why)
-            else:
-                why = f"{case.first_file}: {type(exc).__name__}: {first_line(exc)}"
-                log.exception("[%d/%d] %s: FAILED: %s", number, len(cases), case.case_id, why)
-            report.failed[case.case_id] = why
-            continue
-        target = output / f"{case.case_id}.nii.gz"
-        save_nifti(result.mask_image(), target)
-        probabilities = result.probability_image()
-        if probabilities is not None:
-            save_nifti(probabilities, output / "probabilities" / f"{case.case_id}.nii.gz")
-        report.written[case.case_id] = target
-        found = ", ".join(str(v) for v in np.unique(result.mask) if v != 0) or "none"
-        log.info(
-            "[%d/%d] %s: %s -> %s (labels: %s, %.1f s)",
-            number,
-            len(cases),
-            case.case_id,
-            "x".join(map(str, result.mask.shape)),
-            target,
-            found,
-            time.perf_counter() - started,
-        )
-    return report
-
-
-def predict(
-    ckpt: str | Path | Sequence[str | Path],
-    input: str | Path,  # noqa: A002 - the command-line name
-    output: str | Path,
-    inference: Mapping[str, Any] | None = None,
-    tta: bool = False,
-    save_probabilities: bool = False,
-    device: str = "auto",
-    amp: bool = True,
-    largest_component: Any = False,
-    datalist_key: str | None = None,
-    cache_dir: str | Path | None = None,
-    endpoint_url: str | None = None,
-    image_pattern: str | Sequence[str] | None = None,
-) -> PredictionReport:
-    """Segment every image of ``input`` with the model(s) of ``ckpt`` into ``output`` (see ``seglight.predict``).
-
-    ``ckpt`` is a checkpoint file, a run folder, a folder of runs (the folds of a cross-validation) or a list of
-    these; several models are an ensemble whose probabilities are averaged.
-    """
-    predictor = Predictor(
-        model_checkpoints(ckpt),
-        inference=inference,
-        tta=tta,
-        device=device,
-        amp=amp,
-        largest_component=largest_component,
-    )
-    store = RemoteCache(
-        cache_dir=Path(cache_dir).expanduser() / "remote" if cache_dir else default_cache_dir() / "remote",
-        endpoint_url=endpoint_url,
-    )
-    settings = dict(predictor.models[0].data)
-    if image_pattern is not None:  # subject folders laid out otherwise than the training data
-        settings.update(layout="folder", image_pattern=image_pattern)
-    listed = list_inputs(input, settings, datalist_key, store, channels=predictor.in_channels)
-    cases = [case for case in listed if case.problem is None]
-    _check_no_overwrite(cases, Path(output))
-    log.info("Predicting %d image(s) with %s", len(cases), predictor.describe())
-    report = predict_cases(predictor, cases, output, save_probabilities, store)
-    for case in listed:
-        if case.problem is not None:  # a subject folder without a channel, say: named, the others written
-            log.error("%s: FAILED: %s", case.case_id, case.problem)
-            report.failed[case.case_id] = case.problem
-    return report
-
-
-def _check_no_overwrite(cases: Sequence[InputCase], output: Path) -> None:
-    """ConfigError when a mask would replace one of the input images (output= the input folder, say)."""
-    for case in cases:
-        files = [case.image] if isinstance(case.image, str) else case.image
-        target = (output / f"{case.case_id}.nii.gz").expanduser().resolve()
-        if any(not is_remote(f) and Path(f).resolve() == target for f in files):
-            raise ConfigError(
-                f"output={output}: the mask {target.name} would overwrite the input image {target}"
-            )
 
 
 def predict_volume(

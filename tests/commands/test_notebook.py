@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import nbformat
@@ -37,5 +38,7 @@ def test_quickstart_notebook_trains_shows_and_predicts(
     assert len(pictures) == 2 and all(p[:8] == PNG for p in pictures)  # progress, then the three panels
     printed = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
     assert "same shape: True | same affine: True" in printed
+    # The API's console is the commands': no Lightning start-up lines or litlogger tip in the cells.
+    assert not re.search(r"GPU available: False|TPU available|Tip:", printed), printed
     assert (tmp_path / "run" / "progress.png").is_file() and (tmp_path / "run" / "prediction.png").is_file()
     assert len(list((tmp_path / "run").glob("*_pred.nii.gz"))) == 1

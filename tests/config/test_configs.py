@@ -140,9 +140,11 @@ def test_python_defaults_are_the_yaml_defaults(tmp_path: Path) -> None:
     from seglight.data import SegDataModule
     from seglight.data.datamodule import DEFAULT_PATCH
     from seglight.data.remote import RemoteCache
+    from seglight.data.transforms import deterministic_transforms
     from seglight.evaluation.scoring import evaluate
     from seglight.models.networks import DEFAULT_COMPUTE
-    from seglight.prediction.predictor import Predictor, predict
+    from seglight.prediction.cases import predict
+    from seglight.prediction.predictor import Predictor
     from seglight.training.module import (
         DEFAULT_INFERENCE,
         DEFAULT_LOSS,
@@ -167,6 +169,14 @@ def test_python_defaults_are_the_yaml_defaults(tmp_path: Path) -> None:
         assert same(expected, value), f"data.{key}: Python {expected!r}, YAML {value!r}"
         checked += 1
     assert checked >= 15 and set(data) - {"_target_"} <= set(signature_defaults(SegDataModule.__init__))
+    # The preprocessing's defaults are deterministic_transforms': prediction and the export JSON fill a setting a
+    # checkpoint lacks from them (pipeline_settings), so the data module's must be the same.
+    pipeline_defaults = signature_defaults(deterministic_transforms)
+    module_defaults = signature_defaults(SegDataModule.__init__)
+    shared = set(pipeline_defaults) & set(module_defaults)
+    assert shared >= {"spatial_size", "a_min", "a_max", "orientation", "mode"}, shared
+    for key in shared:
+        assert same(pipeline_defaults[key], module_defaults[key]), f"{key}: {pipeline_defaults[key]!r}"
 
     net = {k: v for k, v in train["model"].items() if v != "auto"}
     assert same({k: v for k, v in DEFAULT_NET.items() if k in net}, net) and set(net) <= set(DEFAULT_NET)

@@ -326,3 +326,61 @@ def test_sagemaker_mlflow_arn_without_its_plugin_names_it(tmp_path: Path) -> Non
     }
     with pytest.raises(ConfigError, match="pip install .*sagemaker-mlflow"):
         build_loggers({"mlflow": entry})
+
+
+# What seglight's API runs in a notebook cell, as a script: compose, build, fit one tiny epoch.
+API_SCRIPT = """
+from seglight import build, compose
+overrides = {overrides!r}
+datamodule, module, trainer = build(compose(overrides, output_dir={run!r}))
+{fit}
+"""
+LIGHTNING_START_UP = re.compile(r"GPU available: False|TPU available|Tip:")
+
+
+def run_api(
+    run_dir: Path, cache: Path, fit: bool = True, before: str = "", after: str = "", env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``API_SCRIPT`` between ``before`` and ``after`` in a fresh ``python -c``, stdout and stderr captured, with
+    no warning settings of the user's."""
+    overrides = [o for o in tiny_overrides(run_dir) if not o.startswith("hydra.")] + ["trainer.max_epochs=1"]
+    fit_line = "trainer.fit(module, datamodule=datamodule)" if fit else ""
+    script = before + API_SCRIPT.format(overrides=overrides, run=str(run_dir), fit=fit_line) + after
+    environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "SEGLIGHT_VERBOSE")}
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=run_dir.parent,
+        env={**environment, "SEGLIGHT_CACHE_DIR": str(cache), **(env or {})},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_api_in_a_notebook_prints_what_the_commands_print(tmp_path: Path, cache_dir: Path) -> None:
+    result = run_api(tmp_path / "run", cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    assert [line for line in lines if LIGHTNING_START_UP.search(line) or NOISE.search(line)] == []
+    # seglight's own lines, as the commands show them, and nothing on stderr.
+    assert sum(bool(EPOCH_LINE.match(line)) for line in result.stdout.splitlines()) == 1, lines
+    assert result.stderr == ""
+
+
+def test_the_api_keeps_the_users_logging_and_only_filters_it(tmp_path: Path, cache_dir: Path) -> None:
+    own = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, format='mine: %(name)s: %(message)s', stream=sys.stderr)\n"
+    )
+    handlers = "print('root handlers:', [type(h).__name__ for h in logging.getLogger().handlers])\n"
+    result = run_api(tmp_path / "run", cache_dir, before=own, after=handlers)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if LIGHTNING_START_UP.search(line)] == []
+    assert any(line.startswith("mine: seglight: Epoch 1/1 ") for line in result.stderr.splitlines())
+    assert "root handlers: ['StreamHandler']" in result.stdout  # the user's own, and no other
+
+    # SEGLIGHT_VERBOSE=1 shows everything, as it does for the commands.
+    verbose = run_api(tmp_path / "verbose", cache_dir, fit=False, env={"SEGLIGHT_VERBOSE": "1"})
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "TPU available" in verbose.stdout + verbose.stderr

@@ -18,7 +18,7 @@ from seglight.core.errors import DataError
 from seglight.data.folders import read_folder_cases
 from seglight.data.remote import RemoteCache
 from seglight.evaluate import evaluate
-from seglight.prediction.predictor import predict
+from seglight.prediction.cases import predict
 from tests.helpers import S3, make_subject_folders, run_cli
 
 SUBJECTS = [f"subj_{i:03d}" for i in range(5)]

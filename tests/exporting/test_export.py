@@ -13,16 +13,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from monai import transforms as mt
 
 from seglight.core.errors import reported_errors
+from seglight.data.caching.datasets import pipeline_signature
+from seglight.data.transforms import describe_steps
 from seglight.export import run
 from seglight.exporting.formats import METADATA_NAME, export_checkpoint, load_trained
-from tests.helpers import tiny_overrides, train_in_process
+from seglight.prediction.models import load_module, preprocessing
+from tests.helpers import tiny_overrides, train_in_process, write_nifti
 
 SIZE = [16, 16, 8]  # SegResNet's deepest feature map is 2x2x1 voxels at this size
 
@@ -155,6 +160,51 @@ def test_command_line_exports_the_plain_network_beside_the_run(binary_ckpt: Path
     meta = json.loads((run_dir / "export" / "best.pt.json").read_text())
     assert meta["checkpoint"]["path"] == str(ckpt)
     assert not {"compile", "channels_last", "checkpointing"} & set(meta["network"])
+
+
+def rebuilt(steps: list[dict]) -> mt.Compose:
+    """The pipeline a deployment builds from the JSON's steps with MONAI alone: each step's ``monai`` call."""
+    return mt.Compose([eval(step["monai"], vars(mt)) for step in steps])  # noqa: S307 - the test's own JSON
+
+
+def test_the_json_rebuilds_the_preprocessing_and_follows_its_settings(
+    binary_ckpt: Path, tmp_path: Path
+) -> None:
+    # The checkpoint as a run with other preprocessing settings writes it.
+    checkpoint = torch.load(binary_ckpt, map_location="cpu", weights_only=False)
+    other = {"a_min": -200.0, "a_max": 300.0, "orientation": "LPS"}
+    checkpoint["hyper_parameters"]["data"].update(other)
+    checkpoint.get("datamodule_hyper_parameters", {}).update(other)
+    ckpt = tmp_path / "other.ckpt"
+    torch.save(checkpoint, ckpt)
+    meta = export_checkpoint(ckpt, "torchscript", output=tmp_path / "deploy").metadata
+
+    steps = {step["step"]: step for step in meta["preprocessing"]["steps"]}
+    assert steps["orient"]["axcodes"] == "LPS" and "axcodes='LPS'" in steps["orient"]["monai"]
+    assert (steps["intensity"]["a_min"], steps["intensity"]["a_max"]) == (-200.0, 300.0)
+    assert steps["resize"]["spatial_size"] == SIZE and steps["resize"]["mode"] == "trilinear"
+    assert meta["preprocessing"]["back_to_the_scan"].startswith("undo resize, then orient ")
+    # What a deployment rebuilds from the JSON is what prediction runs, to the voxel and the affine.
+    values = np.random.default_rng(0).uniform(-1000, 1000, (20, 18, 12)).astype(np.float32)
+    scan = {"image": str(write_nifti(tmp_path / "scan.nii.gz", values))}
+    expected = mt.Compose(preprocessing(load_module(ckpt).hparams.data))(scan)["image"]
+    got = rebuilt(meta["preprocessing"]["steps"])(scan)["image"]
+    assert torch.equal(got.as_tensor(), expected.as_tensor()) and torch.equal(got.affine, expected.affine)
+
+
+def test_one_description_of_the_transforms_makes_the_cache_key_and_the_json() -> None:
+    pipeline = preprocessing({"mode": "resize", "spatial_size": SIZE})
+    at = next(i for i, t in enumerate(pipeline) if isinstance(t, mt.Resized))
+    # A setting of the transform itself that no seglight option sets: both the cache key and the JSON see it.
+    changed = [
+        *pipeline[:at],
+        mt.Resized(keys=["image"], spatial_size=SIZE, mode="area"),
+        *pipeline[at + 1 :],
+    ]
+    before, after = describe_steps(pipeline)[at], describe_steps(changed)[at]
+    assert (before["mode"], after["mode"]) == ("trilinear", "area")
+    assert {key for key in before if before[key] != after[key]} == {"mode", "monai"}
+    assert pipeline_signature(mt.Compose(pipeline)) != pipeline_signature(mt.Compose(changed))
 
 
 def export_cli(overrides: list[str]) -> int:

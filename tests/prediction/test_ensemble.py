@@ -21,8 +21,9 @@ import torch
 from seglight import SegDataModule, SegModule
 from seglight.core.errors import ConfigError
 from seglight.evaluation.scoring import evaluate
+from seglight.prediction.cases import predict
+from seglight.prediction.models import load_module
 from seglight.prediction.postprocessing import keep_largest_component
-from seglight.prediction.predictor import load_module, predict
 from seglight.training.checkpoints import best_checkpoint, model_checkpoints
 
 SHAPE = (24, 20, 16)

@@ -21,8 +21,10 @@ from omegaconf import OmegaConf
 
 from seglight import SegDataModule, SegModule, compose, predict_volume
 from seglight.core.errors import ConfigError, DataError
+from seglight.prediction.cases import predict
 from seglight.prediction.inputs import list_inputs
-from seglight.prediction.predictor import Predictor, load_module, predict
+from seglight.prediction.models import load_module
+from seglight.prediction.predictor import Predictor
 from seglight.training.checkpoints import safe_load
 from tests.helpers import S3, run_script
 

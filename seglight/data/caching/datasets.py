@@ -11,7 +11,6 @@ reads it (``FirstReadDataset``).
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import logging
@@ -35,6 +34,7 @@ from seglight.core.errors import ConfigError, DataError, find_user_error
 from seglight.core.io import atomic_path
 from seglight.data.caching.files import record_use
 from seglight.data.remote import cache_usage
+from seglight.data.transforms import describe_transform
 
 log = logging.getLogger("seglight")
 
@@ -53,11 +53,17 @@ def split_pipeline(pipeline: mt.Compose) -> tuple[mt.Compose, mt.Compose]:
 
 
 def pipeline_signature(pipeline: mt.Compose, *checks: Any) -> str:
-    """A hash of the transforms' classes and settings (and MONAI's version): changes when the output would.
+    """A hash of the transforms' classes and settings (``describe_transform``, which also describes them in an
+    exported model's JSON) and MONAI's version: changes when the output would.
 
     ``checks`` (their public settings) are part of it too: an entry exists only for a case that passed them.
     """
-    description = [CACHE_FORMAT, monai.__version__, _describe(list(pipeline.transforms)), _describe(checks)]
+    description = [
+        CACHE_FORMAT,
+        monai.__version__,
+        describe_transform(list(pipeline.transforms)),
+        describe_transform(checks),
+    ]
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -363,31 +369,3 @@ def _check_memory_fits(estimate: int, cases: int) -> None:
             estimate / 1e9,
             available / 1e9,
         )
-
-
-def _describe(obj: Any, depth: int = 0) -> Any:
-    """A JSON-able description of a transform's public settings, recursively (no addresses, no RNG state)."""
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    if depth > 6:
-        return type(obj).__qualname__
-    if isinstance(obj, enum.Enum):
-        return str(obj.value)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, list | tuple | set | frozenset):
-        items = [_describe(x, depth + 1) for x in obj]
-        return sorted(items, key=str) if isinstance(obj, set | frozenset) else items
-    if isinstance(obj, Mapping):
-        return {str(k): _describe(v, depth + 1) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, np.ndarray | torch.Tensor):
-        array = np.asarray(obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj)
-        return array.tolist() if array.size <= 64 else [list(array.shape), str(array.dtype)]
-    if isinstance(obj, np.random.RandomState | np.random.Generator | torch.Generator):
-        return "rng"
-    if isinstance(obj, type | torch.dtype | np.dtype) or not hasattr(obj, "__dict__"):
-        return getattr(obj, "__qualname__", None) or str(obj)
-    if callable(obj) and not isinstance(obj, Transform) and hasattr(obj, "__qualname__"):
-        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"  # a function
-    attributes = {k: _describe(v, depth + 1) for k, v in vars(obj).items() if not k.startswith("_")}
-    return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", **attributes}
