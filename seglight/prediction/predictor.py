@@ -25,9 +25,9 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
+from seglight.core.containers import plain
 from seglight.core.errors import ConfigError, DataError, find_user_error, first_line
 from seglight.core.io import atomic_path, load_nifti
-from seglight.core.utils import plain
 from seglight.data.datalists import IMAGE
 from seglight.data.datamodule import PREPROCESSING_KEYS, prediction_settings
 from seglight.data.remote import RemoteCache, default_cache_dir, is_remote
