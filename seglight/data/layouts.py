@@ -113,7 +113,7 @@ def find_layout(
     accept = tuple(kind for kind in KINDS if kind in accept)
     subjects = subjects or SubjectPatterns()
     where = name or str(path)
-    text = _existing(str(path), accept, where, store)
+    text = _existing(str(path), accept, where, store, datalists_in_folders=datalist_keys is not None)
     if _is_file(text):
         return _file_layout(text, accept, where, store)
     folder = text
@@ -225,11 +225,16 @@ def visible_entries(folder: str, store: RemoteCache | None = None) -> list[str]:
 # -- the steps -----------------------------------------------------------------------------------------------------
 
 
-def _existing(text: str, accept: tuple[str, ...], where: str, store: RemoteCache) -> str:
+def _existing(
+    text: str, accept: tuple[str, ...], where: str, store: RemoteCache, datalists_in_folders: bool
+) -> str:
     """The path (``~`` expanded); a DataError when it is not there. A URL is looked up only when files are
     accepted (to tell a file from a prefix): a prefix with nothing under it is an empty folder."""
-    takes_files = any(k in accept for k in (DATALIST, IMAGE_FILE))  # a dataset.json names its folder
-    takes_folders = any(k in accept for k in (DATASET, SUBJECTS, FILES))
+    datalist_file = DATALIST in accept and not datalists_in_folders
+    takes_files = IMAGE_FILE in accept or datalist_file  # a dataset.json names its folder
+    takes_folders = any(k in accept for k in (DATASET, SUBJECTS, FILES)) or (
+        DATALIST in accept and datalists_in_folders
+    )
     if is_remote(text):
         if takes_files and not store.exists(text):
             raise DataError(f"{where}: no such object or prefix; expected {_either(accept)}")
