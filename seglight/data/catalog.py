@@ -122,9 +122,7 @@ class Catalog:
             train = read_source(self.root, self.layout.datalist, self.layout, self.store)
             cases, incomplete = list(train.cases), list(train.incomplete)
             if self.layout.has_val_source:
-                val_root = self.layout.val_root
-                if val_root is not None and not is_remote(val_root):
-                    val_root = str(Path(val_root).expanduser())
+                val_root = self.layout.local_or_url(self.layout.val_root)
                 val = read_source(
                     val_root, self.layout.val_datalist, self.layout, self.store, train.cases, "data.val_root"
                 )
