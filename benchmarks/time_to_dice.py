@@ -73,7 +73,7 @@ def lab_run(
     history = train_lab(
         train_cases,
         val_cases,
-        data.spatial_size,
+        data.settings.spatial_size,
         max_epochs=epochs,
         lr=lr,
         batch_size=data.batch_size,

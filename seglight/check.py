@@ -23,7 +23,7 @@ def check(cfg: DictConfig) -> Any:
 
     Returns the ``DatasetReport``; also saved as ``check_report.json`` in the run folder.
     """
-    from seglight.data.datamodule import available_cpus
+    from seglight.data.loaders import available_cpus
 
     datamodule = instantiate(cfg.data, _convert_="all")
     if getattr(datamodule, "demo", None) is not None:

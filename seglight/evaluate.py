@@ -8,8 +8,8 @@ import hydra
 from omegaconf import DictConfig
 
 from seglight.core.console import setup as setup_console
+from seglight.core.containers import plain
 from seglight.core.errors import ConfigError, reported_errors
-from seglight.core.utils import plain
 from seglight.evaluation.scoring import Evaluation, evaluate
 from seglight.prediction.postprocessing import PLAN_FILE
 

@@ -8,8 +8,8 @@ import hydra
 from omegaconf import DictConfig
 
 from seglight.core.console import setup as setup_console
+from seglight.core.containers import plain
 from seglight.core.errors import ConfigError, DataError, reported_errors
-from seglight.core.utils import plain
 from seglight.data.remote import is_remote
 from seglight.prediction.cases import PredictionReport, predict
 from seglight.training.checkpoints import model_checkpoints

@@ -19,9 +19,10 @@ from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from seglight.core.console import interactive
+from seglight.core.containers import plain
 from seglight.core.errors import ConfigError
-from seglight.core.utils import plain
 from seglight.data import SegDataModule
+from seglight.data.settings import ModelNeeds
 from seglight.models.networks import class_name, normalises_over_batch, resolve_network_config
 from seglight.training.callbacks.epoch_log import EpochLog
 from seglight.training.callbacks.experiment_tracking import ExperimentTracking
@@ -61,21 +62,19 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SegModule, L.Trainer]:
     """Instantiate the data module, the module and the trainer that ``cfg`` describes."""
     datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg, datamodule)
-    match_data_to_model(datamodule, module)
+    if isinstance(datamodule, SegDataModule):
+        datamodule.for_model(model_needs(module))
     trainer = build_trainer(cfg, datamodule)
     return datamodule, module, trainer
 
 
-def match_data_to_model(datamodule: L.LightningDataModule, module: SegModule) -> None:
-    """Tell the data module what the model needs from the data, for its checks and its training loader.
+def model_needs(module: SegModule) -> ModelNeeds:
+    """What the model decides about its data, for the data module's checks and its training loader.
 
     Label values must lie in 0..C-1 for the model's C classes (checked when each case is first read), and a
     network with BatchNorm must never get a training batch of one case (the loader drops such a last batch).
     """
-    if hasattr(datamodule, "num_classes"):
-        datamodule.num_classes = module.num_classes
-    if hasattr(datamodule, "avoid_batches_of_one"):
-        datamodule.avoid_batches_of_one = normalises_over_batch(module.net)
+    return ModelNeeds(num_classes=module.num_classes, avoid_batches_of_one=normalises_over_batch(module.net))
 
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule | None = None) -> SegModule:

@@ -11,8 +11,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use, so that light modules of this package (cache_files for `python -m seglight.cache`)
-    # load without torch and MONAI.
+    # Imported on first use, so that light modules of this package (caching.files, for
+    # `python -m seglight.cache`) load without torch and MONAI.
     if name == "SegDataModule":
         from seglight.data.datamodule import SegDataModule
 

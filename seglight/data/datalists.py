@@ -8,8 +8,9 @@ Three layouts are read, from a local folder or an ``s3://`` prefix alike:
 - a datalist file: CSV with a header row, or JSON (a list of entries, or ``{"training": [...]}``).
 
 A case's image may be a list of files, one per channel (several modalities); they are stacked as channels.
-Subject folders without a datalist are read by ``seglight.data.folders``. Every reader names its cases with
-``assign_case_ids``, so training, the check, prediction and evaluation agree on what each case is called.
+Subject folders without a datalist are read by ``seglight.data.folders``; which of these a path holds,
+``seglight.data.layouts`` tells. Every reader names its cases with ``assign_case_ids``, so training, the check,
+prediction and evaluation agree on what each case is called.
 """
 
 from __future__ import annotations
@@ -47,11 +48,6 @@ def read_dataset_json(root: str | Path, store: RemoteCache | None = None) -> dic
     if not isinstance(meta, Mapping):
         raise DataError(f"{index}: is not a JSON object")
     return dict(meta)
-
-
-def detect_layout(meta: Mapping[str, Any]) -> str:
-    """``nnunet`` for an nnU-Net v2 dataset.json (``file_ending``/``channel_names``), else ``msd``."""
-    return "nnunet" if "file_ending" in meta or "channel_names" in meta else "msd"
 
 
 def read_msd_datalist(

@@ -1,4 +1,6 @@
-"""Seeded train/validation splits: a hold-out share, or k folds saved in nnU-Net's ``splits.json`` format."""
+"""Seeded train/validation splits: a hold-out share, or k folds saved in nnU-Net's ``splits.json`` format; the
+run's ``split.json`` records which cases trained and which validated.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +8,83 @@ import json
 import random
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 from seglight.core.errors import ConfigError
 from seglight.core.io import atomic_write_text
+from seglight.data.datalists import Case
+from seglight.data.settings import SplitSettings
 
 Fold = dict[str, list[str]]
+
+
+def split_cases(
+    cases: list[Case],
+    settings: SplitSettings,
+    val_ids: set[str] | None = None,
+    val_source: str | None = None,
+    write: bool = True,
+) -> tuple[list[Case], list[Case]]:
+    """(training cases, validation cases), recorded in ``settings.split_path`` when ``write``.
+
+    ``val_ids``: the cases of a validation source of its own (``val_source``), which validate while all others
+    train: no split is drawn. Otherwise, with ``fold`` set, that fold of the k-fold partition in ``splits_path``
+    (made once, then reused, so every fold of a study shares it); else ``val_fraction`` of the cases held out,
+    or the split saved at ``split_path`` when it was made for the same cases.
+    """
+    by_id = {case["case_id"]: case for case in cases}  # unique: the readers see to it
+    if val_ids is not None:
+        train_ids = sorted(i for i in by_id if i not in val_ids)
+        record: dict[str, Any] = {"val_source": val_source}
+        return _record(record, train_ids, sorted(i for i in by_id if i in val_ids), by_id, settings, write)
+    if len(by_id) < 2:
+        raise ConfigError(
+            f"the dataset has {len(by_id)} case(s); training needs at least 2 (train + validation)"
+        )
+    record = {"seed": settings.split_seed}
+    if settings.fold is not None:
+        folds = load_or_create_folds(
+            settings.splits_path, set(by_id), settings.num_folds, settings.split_seed
+        )
+        train_ids, held_out = folds[settings.fold]["train"], folds[settings.fold]["val"]
+        record.update(fold=settings.fold, num_folds=settings.num_folds, splits_path=settings.splits_path)
+    else:
+        saved = saved_split(settings.split_path, set(by_id))
+        train_ids, held_out = (
+            saved if saved is not None else holdout_split(by_id, settings.val_fraction, settings.split_seed)
+        )
+        record.update(val_fraction=settings.val_fraction)
+    return _record(record, train_ids, held_out, by_id, settings, write)
+
+
+def saved_split(path: str | None, ids: set[str]) -> tuple[list[str], list[str]] | None:
+    """The hold-out split saved at ``path`` when it was made for exactly these cases, else None."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        record = json.loads(Path(path).read_text())
+        train_ids, val_ids = list(record["train"]), list(record["val"])
+        if record.get("fold") is not None:
+            return None  # a fold's split: the hold-out split is made afresh
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if set(train_ids) | set(val_ids) != ids:
+        return None  # a different dataset: make a new split
+    return train_ids, val_ids
+
+
+def _record(
+    record: dict[str, Any],
+    train_ids: list[str],
+    val_ids: list[str],
+    by_id: dict[str, Case],
+    settings: SplitSettings,
+    write: bool,
+) -> tuple[list[Case], list[Case]]:
+    if settings.split_path and write:
+        record.update(train=list(train_ids), val=list(val_ids))
+        atomic_write_text(Path(settings.split_path), json.dumps(record, indent=2))
+    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
 
 
 def holdout_split(ids: Collection[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -26,12 +26,11 @@ import torch
 
 from seglight.core.errors import DataError
 from seglight.core.geometry import same_grid, spacing_from_affine
-from seglight.core.io import atomic_write_text, is_nifti, load_nifti, read_array
+from seglight.core.io import atomic_write_text, load_nifti, read_array
 from seglight.data import SegDataModule
-from seglight.data.datalists import IMAGE, LABEL, case_id_of, declared_labels, read_datalist_file
-from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN, read_folder_cases
-from seglight.data.remote import RemoteCache, is_remote, join_path
-from seglight.data.sources import meta_beside, read_source
+from seglight.data.datalists import IMAGE
+from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN
+from seglight.evaluation.ground_truth import ground_truth, masks_in_folder
 from seglight.models.metrics import hd95_mm
 from seglight.prediction.cases import predict_cases
 from seglight.prediction.inputs import InputCase
@@ -65,82 +64,6 @@ def label_metrics(pred: np.ndarray, gt: np.ndarray, affine: np.ndarray, label: i
     spacing = spacing_from_affine(affine).tolist()
     hd95 = hd95_mm(torch.from_numpy(p)[None, None], torch.from_numpy(g)[None, None], [spacing])
     return {"dice": dice, "hd95_mm": float(hd95[0, 0]), **result}
-
-
-# -- finding the cases ---------------------------------------------------------------------------------------------
-
-
-def masks_in_folder(folder: str | Path, option: str, store: RemoteCache | None = None) -> dict[str, str]:
-    """``case -> file`` for the NIfTI masks directly inside a local folder or ``s3://`` prefix.
-
-    A mask's case is its file name without ``.nii``/``.nii.gz``, as ``seglight.predict`` names its outputs.
-    """
-    store = store or RemoteCache()
-    if is_remote(folder):
-        files = store.list_files(folder)
-    else:
-        path = Path(folder).expanduser()
-        if not path.is_dir():
-            raise DataError(f"{option}={folder}: no such folder")
-        files = [str(p) for p in sorted(path.iterdir()) if p.is_file()]
-    found = {case_id_of(f): f for f in files if is_nifti(f)}  # is_nifti: not a write in progress
-    if not found and option == "pred":
-        raise DataError(f"pred={folder}: the folder holds no .nii or .nii.gz masks")
-    return found
-
-
-def ground_truth(
-    gt: Any,
-    label_key: str = "label",
-    image_key: str | Sequence[str] = "image",
-    image_pattern: str | Sequence[str] = DEFAULT_IMAGE_PATTERN,
-    label_pattern: str = DEFAULT_LABEL_PATTERN,
-    store: RemoteCache | None = None,
-) -> tuple[dict[str, str], dict[int, str]]:
-    """``(case -> local label file, label value -> name)`` of the ground truth, named as training names cases.
-
-    ``gt`` is a list of cases (``case_id`` and ``label``); a folder of label files (named ``<case>.nii.gz``); a
-    dataset (a folder holding ``dataset.json``, MSD or nnU-Net, or the file itself); a JSON/CSV datalist
-    (``image_key``/``label_key`` entries); or subject folders (``label_pattern``; ``image_pattern`` so that cases
-    are named exactly as in training). Local or ``s3://`` alike; remote labels are fetched into the cache.
-    """
-    if isinstance(gt, Sequence) and not isinstance(gt, str):  # cases from a data module
-        return {str(c["case_id"]): str(c[LABEL]) for c in gt}, {}
-    store = store or RemoteCache()
-    text = str(gt)
-    if not is_remote(text):
-        text = str(Path(text).expanduser().resolve())
-        if not Path(text).exists():
-            raise DataError(f"gt={gt}: no such file or folder")
-    elif not store.exists(text):
-        raise DataError(f"gt={gt}: no such object or prefix")
-    is_index = text.rstrip("/").rsplit("/", 1)[-1] == "dataset.json"
-    if text.lower().endswith((".json", ".csv")) and not is_index:
-        cases, meta = read_datalist_file(text, None, image_key, label_key, store)
-        names = declared_labels(meta)
-    elif is_index or store.exists(join_path(text, "dataset.json")):
-        root = text.rsplit("/", 1)[0] if is_index else text
-        source = read_source(root, layout="auto", image_key=image_key, label_key=label_key, store=store)
-        cases, names = source.cases, declared_labels(source.meta)
-    elif is_remote(text) or Path(text).is_dir():
-        labels = masks_in_folder(text, "gt", store)
-        if labels:
-            return _localized(labels, store), {}
-        found = read_folder_cases(text, image_pattern, label_pattern, store, require_label=False, prefix="")
-        cases, names = found.cases, declared_labels(meta_beside(text, store))
-    else:
-        raise DataError(
-            f"gt={gt}: expected a folder of label files, subject folders, a dataset (a folder with "
-            "dataset.json) or a .json/.csv datalist"
-        )
-    labels = {str(c["case_id"]): str(c[LABEL]) for c in cases if c.get(LABEL)}
-    return _localized(labels, store), names
-
-
-def _localized(labels: dict[str, str], store: RemoteCache) -> dict[str, str]:
-    """The label files with remote ones fetched (a file that cannot be fetched keeps its URL: scoring names it)."""
-    fetched, _ = store.fetch_all([f for f in labels.values() if is_remote(f)])
-    return {case: str(fetched.get(f, f)) for case, f in labels.items()}
 
 
 # -- the whole evaluation ------------------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from seglight.core.containers import plain
 from seglight.core.errors import ConfigError, SeglightError, first_line
 from seglight.core.io import atomic_write_bytes, atomic_write_text
-from seglight.core.utils import plain
 from seglight.exporting.checks import (
     accepted_shapes,
     compare,

@@ -2,7 +2,8 @@
 in training, with the data settings a model was trained with (image keys, layout, patterns).
 
 ``input=`` may be a NIfTI file, a plain folder (or ``s3://`` prefix) of them, subject folders, a dataset folder
-(holding ``dataset.json``), a ``dataset.json``, or a JSON/CSV datalist. Labels are never required.
+(holding ``dataset.json``), a ``dataset.json``, or a JSON/CSV datalist; which one it is, ``seglight.data.layouts``
+tells, as for training, evaluation and SageMaker channels. Labels are never required.
 """
 
 from __future__ import annotations
@@ -13,16 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from seglight.core.errors import DataError
-from seglight.core.io import NIFTI_SUFFIXES, is_nifti
 from seglight.data.datalists import (
     IMAGE,
     LABEL,
     Case,
     assign_case_ids,
     case_id_of,
-    detect_layout,
     parent_of,
-    read_dataset_json,
     read_entries,
     read_nnunet_datalist,
     resolve_datalist,
@@ -30,10 +28,20 @@ from seglight.data.datalists import (
 from seglight.data.folders import (
     DEFAULT_IMAGE_PATTERN,
     DEFAULT_LABEL_PATTERN,
+    FolderCases,
     group_channel_files,
-    read_folder_cases,
 )
-from seglight.data.remote import RemoteCache, is_remote, join_path
+from seglight.data.layouts import (
+    DATALIST,
+    DATASET,
+    FILES,
+    IMAGE_FILE,
+    Layout,
+    SubjectPatterns,
+    dataset_format,
+    find_layout,
+)
+from seglight.data.remote import RemoteCache, is_remote
 
 
 @dataclass
@@ -81,46 +89,42 @@ def list_inputs(
     store = store or RemoteCache()
     text = str(source)
     if not is_remote(text):
-        path = Path(text).expanduser()
-        if not path.exists():
-            raise DataError(f"input={source}: no such file or folder")
-        text = str(path.resolve())
-    elif not store.exists(text):
-        raise DataError(f"input={source}: no such object or prefix")
-    if text.lower().endswith(NIFTI_SUFFIXES):
-        return [InputCase(case_id_of(text), text)]
-    if text.lower().endswith((".json", ".csv")):
-        return _datalist_inputs(text, data, datalist_key, store)
-    if not is_remote(text) and not Path(text).is_dir():
-        return [InputCase(case_id_of(text), text)]  # not named like NIfTI: the reader says what it is
-    if store.exists(join_path(text, "dataset.json")):
-        return _datalist_inputs(join_path(text, "dataset.json"), data, datalist_key, store)
-    if data.get("layout") == "folder":  # trained on subject folders: look for them first
-        found = _folder_inputs(text, data, store)
-        if found:
-            return found
-    files = [f for f in store.list_files(text) if is_nifti(f)]
-    if files:
-        return _plain_folder_inputs(text, files, channels)
-    found = _folder_inputs(text, data, store)
-    if found:
-        return found
-    pattern = data.get("image_pattern") or DEFAULT_IMAGE_PATTERN
-    raise DataError(
-        f"input={source}: holds no .nii or .nii.gz files, and no subject folders matching image_pattern="
-        f"{_describe_pattern(pattern)}; for subject folders laid out otherwise, set image_pattern=... "
-        "(a glob relative to the input, e.g. '*/t1.nii.gz')"
+        text = str(Path(text).expanduser().resolve())
+    patterns = SubjectPatterns(
+        data.get("image_pattern") or DEFAULT_IMAGE_PATTERN,
+        data.get("label_pattern") or DEFAULT_LABEL_PATTERN,
+        require_label=False,
+        prefix="",
     )
+    # Trained on subject folders: a folder is looked at as subject folders before as a folder of scans.
+    prefer_subjects = data.get("layout") == "folder"
+    layout = find_layout(
+        text, name=f"input={source}", store=store, subjects=patterns, prefer_subjects=prefer_subjects
+    )
+    if layout.kind == IMAGE_FILE:
+        return [InputCase(case_id_of(layout.path), layout.path)]
+    if layout.kind == DATASET:
+        return _dataset_inputs(layout, data, datalist_key, store)
+    if layout.kind == DATALIST:
+        return _datalist_inputs(layout.path, data, datalist_key, store)
+    if layout.kind == FILES:
+        return _plain_folder_inputs(layout.path, list(layout.files), channels)
+    return _subject_inputs(layout.subjects or FolderCases([], []))
+
+
+def _dataset_inputs(
+    layout: Layout, data: Mapping[str, Any], datalist_key: str | None, store: RemoteCache
+) -> list[InputCase]:
+    if datalist_key is None and dataset_format(layout.meta) == "nnunet":
+        # Its training cases, found as training finds them.
+        cases = read_nnunet_datalist(layout.path, store, layout.meta)
+        return [InputCase(c["case_id"], c[IMAGE], c.get(LABEL)) for c in cases]
+    return _datalist_inputs(layout.index, data, datalist_key, store)
 
 
 def _datalist_inputs(
     index: str, data: Mapping[str, Any], datalist_key: str | None, store: RemoteCache
 ) -> list[InputCase]:
-    if datalist_key is None and _is_dataset(index):
-        meta = read_dataset_json(parent_of(index), store)
-        if detect_layout(meta) == "nnunet":  # its training cases, found as training finds them
-            cases = read_nnunet_datalist(parent_of(index), store, meta)
-            return [InputCase(c["case_id"], c[IMAGE], c.get(LABEL)) for c in cases]
     entries, _, key = read_entries(index, store, datalist_key)
     if not isinstance(entries, list) or not entries:
         raise DataError(f'input={index}: has no "{key}" list of images to predict (set datalist_key=...)')
@@ -172,17 +176,8 @@ def _same_file(a: str, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def _is_dataset(index: str) -> bool:
-    return index.rstrip("/").rsplit("/", 1)[-1] == "dataset.json"
-
-
-def _folder_inputs(root: str, data: Mapping[str, Any], store: RemoteCache) -> list[InputCase]:
-    """Subject folders under ``root`` by the trained patterns; empty when nothing matches."""
-    image_pattern = data.get("image_pattern") or DEFAULT_IMAGE_PATTERN
-    label_pattern = data.get("label_pattern") or DEFAULT_LABEL_PATTERN
-    found = read_folder_cases(
-        root, image_pattern, label_pattern, store, require_label=False, prefix="", allow_empty=True
-    )
+def _subject_inputs(found: FolderCases) -> list[InputCase]:
+    """The cases of subject folders, those with a missing or extra file as failed cases."""
     cases = [InputCase(c["case_id"], c[IMAGE], c.get(LABEL)) for c in found.cases]
     cases += [InputCase(i.case_id, i.where, problem="; ".join(i.messages())) for i in found.incomplete]
     return sorted(cases, key=lambda c: c.case_id)
@@ -195,7 +190,3 @@ def _plain_folder_inputs(folder: str, files: list[str], channels: int | None) ->
     cases: list[Case] = [{"case_id": name, IMAGE: image} for name, image in named]
     assign_case_ids(cases, f"input={folder}")  # a.nii beside a.nii.gz: both would be written as a.nii.gz
     return [InputCase(c["case_id"], c[IMAGE]) for c in cases]
-
-
-def _describe_pattern(pattern: Any) -> str:
-    return repr(pattern) if isinstance(pattern, str) else repr(list(pattern))

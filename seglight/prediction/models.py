@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from monai import transforms as mt
 
+from seglight.core.containers import plain
 from seglight.core.errors import ConfigError
-from seglight.core.utils import plain
 from seglight.data.datalists import IMAGE
-from seglight.data.datamodule import prediction_settings
+from seglight.data.settings import prediction_settings
 from seglight.data.transforms import deterministic_transforms, pipeline_settings
 from seglight.training.checkpoints import safe_load
 from seglight.training.module import SegModule

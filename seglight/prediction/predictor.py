@@ -24,11 +24,11 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
+from seglight.core.containers import plain
 from seglight.core.errors import ConfigError, DataError
 from seglight.core.io import load_nifti
-from seglight.core.utils import plain
 from seglight.data.datalists import IMAGE
-from seglight.data.datamodule import PREPROCESSING_KEYS
+from seglight.data.settings import PREPROCESSING_KEYS
 from seglight.prediction.models import (
     Model,
     check_agreement,

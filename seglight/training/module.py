@@ -19,8 +19,8 @@ from monai.metrics import SurfaceDiceMetric
 from monai.networks.utils import one_hot
 from torch import nn
 
+from seglight.core.containers import plain
 from seglight.core.errors import ConfigError, DataError
-from seglight.core.utils import plain
 from seglight.data.sampling import PADDING
 from seglight.models.metrics import (
     DeviceDiceMetric,

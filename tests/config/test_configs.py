@@ -138,8 +138,8 @@ def same(python, yaml) -> bool:
 
 def test_python_defaults_are_the_yaml_defaults(tmp_path: Path) -> None:
     from seglight.data import SegDataModule
-    from seglight.data.datamodule import DEFAULT_PATCH
     from seglight.data.remote import RemoteCache
+    from seglight.data.settings import DEFAULT_PATCH
     from seglight.data.transforms import deterministic_transforms
     from seglight.evaluation.scoring import evaluate
     from seglight.models.networks import DEFAULT_COMPUTE

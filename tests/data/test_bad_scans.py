@@ -16,6 +16,7 @@ import pytest
 
 from seglight import SegDataModule
 from seglight.core.errors import DataError
+from seglight.data.settings import ModelNeeds
 from tests.helpers import make_msd_dataset, run_cli, write_nifti
 
 
@@ -137,7 +138,7 @@ def test_without_declared_labels_the_model_classes_bound_the_label_values(tmp_pa
         {"image": str(p), "label": str(p).replace("imagesTr", "labelsTr")} for p in root.glob("imagesTr/*")
     ]
     dm = SegDataModule(datalist=datalist, spatial_size=[16, 16, 8], num_workers=0, val_fraction=0.34)
-    dm.num_classes = 2  # what seglight.build sets from the model
+    dm.for_model(ModelNeeds(num_classes=2))  # what seglight.build passes from the model
     with pytest.raises(DataError) as error:
         dm.setup("fit")
     assert str(error.value).startswith(f"{label}: label values 2 are outside the model's classes 0..1")

@@ -145,7 +145,7 @@ def test_intensity_window_is_configurable(tmp_path: Path) -> None:
 
 
 def test_num_workers_clamped_to_available_cpus(tmp_path: Path) -> None:
-    from seglight.data.datamodule import available_cpus
+    from seglight.data.loaders import available_cpus
 
     dm = make_module(tmp_path, tmp_path, num_workers=512)
     assert dm.num_workers == available_cpus()

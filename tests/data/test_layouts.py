@@ -1,4 +1,5 @@
-"""Dataset layouts (nnU-Net v2, multi-channel MSD, CSV/JSON datalists), channels and labels, and k-fold splits."""
+"""Dataset layouts (nnU-Net v2, multi-channel MSD, CSV/JSON datalists), channels and labels, and k-fold splits;
+one detector of what a path holds, which training, prediction, evaluation and SageMaker channels share."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ import torch
 from seglight import SegDataModule, compose
 from seglight.config.builder import build_module
 from seglight.core.errors import ConfigError, DataError
-from tests.helpers import make_msd_dataset, write_nifti
+from seglight.data.layouts import find_layout
+from seglight.evaluation.ground_truth import ground_truth
+from seglight.prediction.inputs import list_inputs
+from seglight.sagemaker.channels import find_data
+from tests.helpers import S3, make_msd_dataset, make_subject_folders, write_nifti
 
 SHAPE = (20, 20, 12)
 
@@ -226,3 +231,104 @@ def test_fold_options_compose_from_the_command_line(tmp_path: Path) -> None:
     assert cfg.data.splits_path == str(tmp_path.resolve() / "splits.json")
     assert cfg.data.cache in ("auto", "memory", "disk") and cfg.data.on_bad_case == "error"
     assert cfg.data.remote.cache_dir.endswith("remote") and cfg.data.remote.endpoint_url is None
+
+
+# -- one detector: training, prediction, evaluation and SageMaker channels read a folder alike ---------------------
+
+LAID_OUT = {  # folder -> (what the detector says it holds, its case ids)
+    "msd": ("dataset", ["case_0", "case_1", "case_2"]),
+    "nnunet": ("dataset", ["prostate_000", "prostate_001", "prostate_002"]),
+    "subjects": ("folder", ["subj_000", "subj_001", "subj_002"]),
+}
+
+
+@pytest.fixture(scope="module")
+def laid_out(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("laid_out")
+    return {
+        "msd": make_msd_dataset(base / "msd", num_cases=3),
+        "nnunet": make_nnunet_dataset(base / "nnunet", channels=("T2",)),
+        "subjects": make_subject_folders(base / "subjects", LAID_OUT["subjects"][1]),
+    }
+
+
+def read_by_every_caller(path: str) -> dict[str, object]:
+    """What each caller makes of ``path``: the detector's verdict, and the cases that training (with the layout
+    option that verdict calls for), prediction and evaluation read from it, as case id -> label file."""
+    kind = find_layout(path).kind
+    training = SegDataModule(root=path, layout="folder" if kind == "folder" else "auto", num_workers=0)
+    truth, _ = ground_truth(path)
+    return {
+        "kind": kind,
+        "training": {c["case_id"]: c["label"] for c in training.read_cases()},
+        "prediction": [c.case_id for c in list_inputs(path)],
+        "evaluation": sorted(truth),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(LAID_OUT))
+def test_training_prediction_evaluation_and_sagemaker_read_a_folder_alike(
+    laid_out: dict[str, Path], name: str
+) -> None:
+    root = laid_out[name]
+    kind, ids = LAID_OUT[name]
+    seen = read_by_every_caller(str(root))
+    assert seen["kind"] == kind
+    assert sorted(seen["training"]) == seen["prediction"] == seen["evaluation"] == ids
+    truth, _ = ground_truth(root)
+    assert truth == seen["training"], "evaluation compares with the label files training trains on"
+    channel = find_data("training", root)
+    assert (channel.layout, channel.path) == (kind, root)
+
+
+def test_a_folder_of_scans_is_read_alike_and_refused_alike_with_what_was_expected(
+    laid_out: dict[str, Path], tmp_path: Path
+) -> None:
+    scans = laid_out["msd"] / "imagesTr"
+    assert find_layout(str(scans)).kind == "files"
+    assert [c.case_id for c in list_inputs(scans)] == LAID_OUT["msd"][1]
+    assert sorted(ground_truth(scans)[0]) == LAID_OUT["msd"][1]
+    # A SageMaker channel and a training root need labels beside the scans: each names the folder and what it
+    # expected instead.
+    with pytest.raises(
+        DataError, match=rf"training channel {scans} holds nothing seglight can read \(case_0"
+    ):
+        find_data("training", scans)
+    with pytest.raises(
+        DataError, match=rf"{scans}/dataset.json: not found; data.root must hold a dataset.json"
+    ):
+        SegDataModule(root=str(scans)).read_cases()
+    missing = tmp_path / "nowhere"
+    for call, where in (
+        (lambda: list_inputs(missing), f"input={missing}: no such file or folder"),
+        (lambda: ground_truth(missing), f"gt={missing}: no such file or folder"),
+        (lambda: find_data("training", missing), f"training channel {missing}: no such folder"),
+        (lambda: SegDataModule(root=str(missing)).read_cases(), f"data.root {missing}: no such folder"),
+    ):
+        with pytest.raises(DataError) as err:
+            call()
+        assert str(err.value).startswith(where) and "expected" in str(err.value), str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        DataError, match=r"empty is empty: it holds no \.nii or \.nii\.gz files, no subject folders"
+    ):
+        ground_truth(tmp_path / "empty")
+    image = scans / "case_0.nii.gz"
+    assert find_layout(str(image)).kind == "image" and [c.case_id for c in list_inputs(image)] == ["case_0"]
+    with pytest.raises(DataError, match=rf"gt={image} is a \.nii or \.nii\.gz file; expected a dataset"):
+        ground_truth(image)
+
+
+def test_a_folder_read_from_an_s3_prefix_is_read_as_the_same_local_folder(
+    s3: S3, laid_out: dict[str, Path]
+) -> None:
+    for name in ("msd", "subjects"):
+        url = s3.upload(laid_out[name], "layouts", name)
+        local, remote = read_by_every_caller(str(laid_out[name])), read_by_every_caller(url)
+        assert remote["kind"] == local["kind"]
+        for caller in ("prediction", "evaluation"):
+            assert remote[caller] == local[caller], caller
+        assert sorted(remote["training"]) == sorted(local["training"])
+        assert remote["training"]["case_0" if name == "msd" else "subj_000"].startswith(f"{url}/")
+    with pytest.raises(DataError, match=r"input=s3://layouts/nothing: no such object or prefix"):
+        list_inputs("s3://layouts/nothing")
