@@ -35,6 +35,7 @@ from seglight.data.sources import meta_beside, read_source
 from seglight.models.metrics import hd95_mm
 from seglight.prediction.postprocessing import keep_largest_component, write_plan
 from seglight.prediction.predictor import InputCase, Predictor, predict_cases
+from seglight.training.checkpoints import trained_checkpoint
 
 log = logging.getLogger("seglight")
 
@@ -415,8 +416,7 @@ def evaluate_after_training(
     """
     if not trainer.is_global_zero:
         return None
-    callback = trainer.checkpoint_callback
-    ckpt = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
+    ckpt = trained_checkpoint(trainer)
     cases = list(datamodule.val_cases)
     if not ckpt or not cases:
         log.warning("test=true: no checkpoint or no held-out cases, nothing to test")

@@ -141,16 +141,11 @@ def test_python_defaults_are_the_yaml_defaults(tmp_path: Path) -> None:
     from seglight.data.datamodule import DEFAULT_PATCH
     from seglight.data.remote import RemoteCache
     from seglight.evaluation.scoring import evaluate
-    from seglight.models.networks import DEFAULT_COMPUTE
+    from seglight.models.losses import DEFAULT_LOSS
+    from seglight.models.networks import DEFAULT_COMPUTE, DEFAULT_NET
     from seglight.prediction.predictor import Predictor, predict
-    from seglight.training.module import (
-        DEFAULT_INFERENCE,
-        DEFAULT_LOSS,
-        DEFAULT_METRICS,
-        DEFAULT_NET,
-        DEFAULT_OPTIMIZER,
-        SegModule,
-    )
+    from seglight.training.module import DEFAULT_INFERENCE, DEFAULT_METRICS, SegModule
+    from seglight.training.optim import DEFAULT_OPTIMIZER
 
     train = OmegaConf.to_container(compose(["data=msd"], output_dir=tmp_path))
     data = train["data"]
@@ -209,7 +204,7 @@ def test_every_target_config_instantiates_as_hydra_users_would(
     from hydra.utils import instantiate
 
     from seglight.config.builder import build_module
-    from seglight.training.module import scheduler_settings
+    from seglight.training.optim import scheduler_settings
 
     overrides = [f"{group}={option}"]
     if group != "data" or option == "demo":
