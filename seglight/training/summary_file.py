@@ -16,6 +16,16 @@ from typing import Any
 from seglight.core.io import atomic_write_text
 
 SUMMARY_FILE = "summary.json"
+# What only a run that trained records.
+TRAINER_FIELDS = (
+    "best_checkpoint",
+    "last_checkpoint",
+    "epochs",
+    "global_step",
+    "interrupted",
+    "validations",
+    "validation_time_s",
+)
 
 
 @dataclass(frozen=True)
@@ -75,18 +85,6 @@ class RunSummary:
         values = {key: value for key, value in record.items() if key in names}
         values.setdefault("status", "failed")
         return cls(**values)
-
-
-# What only a run that trained records.
-TRAINER_FIELDS = (
-    "best_checkpoint",
-    "last_checkpoint",
-    "epochs",
-    "global_step",
-    "interrupted",
-    "validations",
-    "validation_time_s",
-)
 
 
 def read_summary(folder: str | Path) -> RunSummary | None:
