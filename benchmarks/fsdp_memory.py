@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from seglight.training.module import DEFAULT_NET
+from seglight.models.networks import DEFAULT_NET
 
 NETS = {
     # The lab's reference SegResNet (4.7 M parameters) and SwinUNETR as conf/model configures them.

@@ -162,6 +162,16 @@ def definitions() -> dict[str, list[str]]:
         ("DEFAULT_PATCH", "seglight.data.settings"),
         ("DEFAULT_INFERENCE", "seglight.training.module"),
         ("DEFAULT_COMPUTE", "seglight.models.networks"),
+        ("DEFAULT_NET", "seglight.models.networks"),
+        ("build_network", "seglight.models.networks"),
+        ("DEFAULT_LOSS", "seglight.models.losses"),
+        ("loss_for_task", "seglight.models.losses"),
+        ("build_optimizer", "seglight.training.optim"),
+        ("schedule_config", "seglight.training.optim"),
+        ("RunSummary", "seglight.training.summary_file"),
+        ("best_else_last", "seglight.training.checkpoints"),
+        ("validation_due", "seglight.training.module"),
+        ("is_placeholder", "seglight.data.sampling"),
     ],
 )
 def test_each_helper_is_defined_once(helper: str, home: str) -> None:
@@ -170,7 +180,17 @@ def test_each_helper_is_defined_once(helper: str, home: str) -> None:
 
 def test_the_old_duplicates_are_gone() -> None:
     names = definitions()
-    for gone in ("_plain", "voxel_spacing", "_spacing", "predicted_labels", "activate", "NIFTI_ENDINGS"):
+    for gone in (
+        "_plain",
+        "voxel_spacing",
+        "_spacing",
+        "predicted_labels",
+        "activate",
+        "NIFTI_ENDINGS",
+        "model_source",
+        "SCHEDULE_KEYS",
+        "_read_json",
+    ):
         assert gone not in names, (gone, names.get(gone))
     methods = {
         node.name
@@ -223,3 +243,27 @@ def test_the_builder_asks_the_data_module_instead_of_probing_it() -> None:
     for probe in ("getattr(datamodule", "read_cases(", "oriented_geometry", "nib.", "datamodule.mode"):
         assert probe not in source, probe
     assert "datamodule.network_input()" in source
+
+
+def private_names(name: str) -> set[str]:
+    """The private names (``_x``, not dunders) that module ``name`` reaches: attributes, ``getattr`` strings,
+    imported names and the parts of the module paths it imports from."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(SOURCES[name].read_text())):
+        if isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            found.add(node.value)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.update(node.module.split("."))
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(part for alias in node.names for part in alias.name.split("."))
+    return {n for n in found if n.startswith("_") and not n.startswith("__")}
+
+
+def test_framework_internals_are_reached_from_one_module() -> None:
+    internals = private_names("seglight.core.internals")
+    assert {"_signal_connector", "_SubprocessScriptLauncher", "_internal", "_last_lr"} <= internals
+    reached = {name: private_names(name) & internals for name in SOURCES if name != "seglight.core.internals"}
+    assert not {name: sorted(names) for name, names in reached.items() if names}

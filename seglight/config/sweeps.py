@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import signal
 import sys
@@ -23,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
@@ -35,7 +33,9 @@ from hydra.types import HydraContext, RunMode, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from seglight.core.errors import find_user_error
+from seglight.core.internals import sweep_batches
 from seglight.core.io import atomic_write_text
+from seglight.training.summary_file import SUMMARY_FILE, RunSummary, read_summary
 
 log = logging.getLogger("seglight")
 
@@ -109,7 +109,7 @@ class SweepSweeper(Sweeper):
         assert self.hydra_context is not None and self.config is not None and self.launcher is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
-        batches = BasicSweeper.split_arguments(overrides, self.max_batch_size)  # the grid, as Hydra makes it
+        batches = sweep_batches(overrides, self.max_batch_size)  # the grid, as Hydra makes it
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -175,7 +175,7 @@ class SweepLauncher(Launcher):
                     output_dir = Path(
                         str(OmegaConf.select(sweep_config, "hydra.runtime.output_dir") or job_dir)
                     )
-                    if not (output_dir / "summary.json").is_file() and output_dir.is_dir():
+                    if not (output_dir / SUMMARY_FILE).is_file() and output_dir.is_dir():
                         write_failure_summary(
                             output_dir,
                             "interrupted before training started",
@@ -204,16 +204,12 @@ def write_failure_summary(
     output_dir: str | Path, error: str, wall_time_s: float | None = None, status: str = "failed"
 ) -> dict[str, Any]:
     """Save a ``summary.json`` that records a failed (or interrupted) run and why, for the sweep's summary."""
-    summary = {
-        "status": status,
-        "error": error,
-        "best_dice": None,
-        "best_epoch": None,
-        "wall_time_s": round(wall_time_s, 1) if wall_time_s is not None else None,
-        "output_dir": str(output_dir),
-    }
-    atomic_write_text(Path(output_dir) / "summary.json", json.dumps(summary, indent=2))
-    return summary
+    return RunSummary(
+        status=status,
+        error=error,
+        wall_time_s=round(wall_time_s, 1) if wall_time_s is not None else None,
+        output_dir=str(output_dir),
+    ).write(output_dir)
 
 
 def record_compose_failure(
@@ -260,7 +256,7 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         if job_dir == sweep_dir:
             continue
         overrides = [str(o) for o in OmegaConf.load(overrides_file)]
-        summary = _read_json(job_dir / "summary.json")
+        summary = read_summary(job_dir)
         hydra_cfg = (
             OmegaConf.load(job_dir / ".hydra" / "hydra.yaml")
             if (job_dir / ".hydra/hydra.yaml").is_file()
@@ -270,12 +266,12 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         rows.append(
             {
                 "job": job_num if job_num is not None else job_dir.name,
-                "status": summary.get("status", "failed" if summary else "no summary (killed?)"),
-                "best_dice": summary.get("best_dice"),
-                "best_epoch": summary.get("best_epoch"),
-                "wall_time_s": summary.get("wall_time_s"),
+                "status": summary.status if summary else "no summary (killed?)",
+                "best_dice": summary.best_dice if summary else None,
+                "best_epoch": summary.best_epoch if summary else None,
+                "wall_time_s": summary.wall_time_s if summary else None,
                 "overrides": " ".join(overrides),
-                "error": summary.get("error") or "",
+                "error": (summary.error if summary else None) or "",
                 "output_dir": str(job_dir),
             }
         )
@@ -286,13 +282,6 @@ def _rank(row: dict[str, Any]) -> tuple:
     dice = row["best_dice"]
     completed = row["status"] == "completed"
     return (not completed, dice is None, -(dice or 0.0), str(row["job"]).zfill(6))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

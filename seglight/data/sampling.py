@@ -156,6 +156,11 @@ class ValidationShard(Dataset):
         return {PADDING: True, "case_id": ""}
 
 
+def is_placeholder(batch: Any) -> bool:
+    """Whether a validation batch is a placeholder that only evens out the processes' steps (nothing to score)."""
+    return isinstance(batch, Mapping) and PADDING in batch
+
+
 class _Resumable:
     """A DataLoader over an ``EpochSampler`` that can continue an epoch where a checkpoint left it.
 

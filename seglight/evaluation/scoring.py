@@ -36,6 +36,7 @@ from seglight.prediction.cases import predict_cases
 from seglight.prediction.inputs import InputCase
 from seglight.prediction.postprocessing import keep_largest_component, write_plan
 from seglight.prediction.predictor import Predictor
+from seglight.training.checkpoints import trained_checkpoint
 
 log = logging.getLogger("seglight")
 
@@ -340,8 +341,7 @@ def evaluate_after_training(
     """
     if not trainer.is_global_zero:
         return None
-    callback = trainer.checkpoint_callback
-    ckpt = getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
+    ckpt = trained_checkpoint(trainer)
     cases = list(datamodule.val_cases)
     if not ckpt or not cases:
         log.warning("test=true: no checkpoint or no held-out cases, nothing to test")

@@ -44,10 +44,10 @@ from seglight.exporting.metadata import (
     metadata_path_of,
     patch_setting,
 )
-from seglight.models.networks import check_input_size, class_name, size_divisors, split_options
+from seglight.models.networks import build_network, check_input_size, class_name, size_divisors
 from seglight.prediction.models import load_module, preprocessing
 from seglight.training.checkpoints import safe_load
-from seglight.training.module import SegModule, build_network
+from seglight.training.module import SegModule
 
 log = logging.getLogger("seglight")
 
@@ -95,7 +95,7 @@ def export_checkpoint(
     model_path = output_path(ckpt, fmt, output)
     ckpt = checkpoint_file(ckpt)
     module, data = load_trained(ckpt)
-    net_config = split_options(dict(module.hparams.net))[0]
+    net_config = dict(module.hparams.net)
     network = plain_network(module)
     size = trained_size(module, data, spatial_size)
     check_input_size(net_config, size, "spatial_size")
@@ -224,7 +224,7 @@ def plain_network(module: SegModule) -> nn.Module:
     memory layout and torch.compile wraps the call: none of that belongs in a deployed model, and the
     weights (the state dict) are the same with or without them.
     """
-    arguments = split_options(dict(module.hparams.net))[0]
+    arguments = dict(module.hparams.net)
     network = build_network(arguments)
     network.load_state_dict(module.net.state_dict())
     return network.cpu().eval()

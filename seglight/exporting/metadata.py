@@ -19,7 +19,6 @@ from typing import Any
 from monai import transforms as mt
 
 from seglight.data.transforms import describe_steps, pipeline_settings
-from seglight.models.networks import split_options
 from seglight.training.module import DEFAULT_INFERENCE
 from seglight.training.summary import checkpoint_epoch, package_versions
 
@@ -54,7 +53,7 @@ def describe(
         checks: the comparisons with the checkpoint (shape, passed, max_abs_difference, output_shape, error).
     """
     fmt = export["format"]
-    net_config = split_options(dict(hparams["net"]))[0]
+    net_config = dict(hparams["net"])
     in_channels = int(net_config["in_channels"])
     out_channels = next(c["output_shape"][1] for c in checks.values() if c["passed"])
     size = shapes["spatial"].get("size")

@@ -1,5 +1,6 @@
-"""Network configs from the data: channel and class counts, input-size checks, nnU-Net-style DynUNet geometry,
-and the memory and speed switches (activation checkpointing, channels_last_3d, torch.compile)."""
+"""Networks from configs: the default, building one (``build_network``), channel and class counts from the data,
+input-size checks, nnU-Net-style DynUNet geometry, and the memory and speed switches (activation checkpointing,
+channels_last_3d, torch.compile)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -18,9 +20,31 @@ from seglight.core.errors import ConfigError
 log = logging.getLogger("seglight")
 
 AUTO = "auto"
+DEFAULT_NET = {
+    "_target_": "monai.networks.nets.SegResNet",
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 1,
+    "init_filters": 16,
+    "dropout_prob": 0.2,
+}
 # seglight's memory and speed switches (the config's compute block), none of them a network argument.
 DEFAULT_COMPUTE = {"checkpointing": False, "channels_last": False, "compile": False}
 LAYER_SPEC_KEYS = ("norm", "norm_name", "act", "act_name", "dropout")
+# The layers whose training statistics come from the batch (torch's subclasses of its private _BatchNorm).
+BATCH_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.SyncBatchNorm,
+)
+_AUTO_MESSAGE = (
+    "model.{key}=auto is filled in from the data: build the module with seglight.build(cfg) (or "
+    "seglight.config.builder.build_module(cfg, datamodule)), or give a number"
+)
 
 
 def class_name(config: Mapping[str, Any]) -> str:
@@ -28,11 +52,32 @@ def class_name(config: Mapping[str, Any]) -> str:
     return str(config.get("_target_", "")).rsplit(".", 1)[-1]
 
 
-def split_options(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(network arguments, compute switches) of a model config: older checkpoints kept the switches in it."""
-    net = {k: v for k, v in config.items() if k not in DEFAULT_COMPUTE}
-    options = {k: config[k] for k in DEFAULT_COMPUTE if k in config}
-    return net, options
+def build_network(config: Mapping[str, Any], compute: Mapping[str, Any] | None = None) -> nn.Module:
+    """Instantiate a network config with the ``compute`` switches, turning a wrong ``_target_`` or argument into
+    a ConfigError."""
+    target = config.get("_target_", "<no _target_>") if isinstance(config, Mapping) else config
+    arguments = dict(config)
+    options = dict(compute or {})
+    unresolved = [key for key, value in arguments.items() if isinstance(value, str) and value == AUTO]
+    if unresolved:
+        raise ConfigError(_AUTO_MESSAGE.format(key=unresolved[0]))
+    hydra_args, direct_args = network_arguments(arguments, options)
+    try:
+        net = instantiate(hydra_args, _partial_=True)(**direct_args)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"model: cannot build {target}: {cause}") from exc
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"model: {target} is not a torch.nn.Module")
+    return apply_options(net, arguments, options)
+
+
+def out_channels(config: Mapping[str, Any]) -> int:
+    """The network's output channels (1 when the config does not say); a ConfigError while still ``auto``."""
+    channels = config.get("out_channels", 1)
+    if channels == AUTO:
+        raise ConfigError(_AUTO_MESSAGE.format(key="out_channels"))
+    return int(channels)
 
 
 def foreground_labels(label_names: Mapping[int, str]) -> list[int]:
@@ -310,4 +355,4 @@ def _checkpoint_forward(module: nn.Module) -> None:
 
 def normalises_over_batch(net: nn.Module) -> bool:
     """Whether ``net`` has batch normalisation, whose training statistics need more than one value per channel."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    return any(isinstance(m, BATCH_NORMS) for m in net.modules())

@@ -26,6 +26,7 @@ from monai.data import MetaTensor
 
 from seglight.core.containers import plain
 from seglight.core.errors import ConfigError, DataError
+from seglight.core.internals import attached_trainer
 from seglight.core.io import load_nifti
 from seglight.data.datalists import IMAGE
 from seglight.data.settings import PREPROCESSING_KEYS
@@ -331,7 +332,7 @@ def _predict_with_module(module: SegModule, image: Any, data: Any, **options: An
     """``predict_volume`` with a module in memory, which is left on its device and in its mode afterwards."""
     settings = data_settings(data) or dict(module.hparams.get("data") or {})
     if not settings:
-        trainer = getattr(module, "_trainer", None)
+        trainer = attached_trainer(module)
         settings = data_settings(getattr(trainer, "datamodule", None))
     if not settings:
         raise ConfigError(

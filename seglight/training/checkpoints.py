@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import pathlib
 import pickle
 import re
 import typing
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from seglight.core.errors import ConfigError, first_line
 from seglight.core.io import atomic_path, remove_partial_files
+from seglight.training.summary_file import read_summary
 
 log = logging.getLogger("seglight")
 
@@ -204,6 +204,18 @@ def _saved_step(path: Path) -> int:
         return -1
 
 
+def best_else_last(best: Iterable[str | Path | None], last: Iterable[str | Path | None]) -> Path | None:
+    """The checkpoint that stands for a run's model: the first of ``best`` that is a file, else the first of ``last``.
+
+    The one rule for every place that picks a run's model (prediction from a run folder, the evaluation after
+    training, SageMaker's model file): the best by the monitored metric when there is one, else the last.
+    """
+    for candidate in (*best, *last):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
 def best_checkpoint(folder: str | Path) -> Path | None:
     """A run's best checkpoint, from its run folder or its checkpoints folder, or None when it has none.
 
@@ -211,26 +223,29 @@ def best_checkpoint(folder: str | Path) -> Path | None:
     in its name (the newest if the names say none); else the newest ``last*.ckpt``.
     """
     folder = Path(folder)
-    record = folder / "summary.json"
-    if record.is_file():
-        try:
-            named = json.loads(record.read_text()).get("best_checkpoint")
-        except (OSError, ValueError, AttributeError):
-            named = None
-        if named and Path(named).is_file():
-            return Path(named)
+    summary = read_summary(folder)
     ckpt_dir = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
     if not ckpt_dir.is_dir():
-        return None
+        return best_else_last([summary.best_checkpoint if summary else None], [])
+
+    def score(path: Path) -> tuple[float, int]:
+        found = BEST_DICE.search(path.name)
+        return (float(found.group(1).rstrip(".")) if found else -1.0, path.stat().st_mtime_ns)
+
     best = [p for p in ckpt_dir.glob("best*.ckpt") if p.is_file()]
-    if best:
+    return best_else_last(
+        [summary.best_checkpoint if summary else None, max(best, key=score) if best else None],
+        [find_last_checkpoint(ckpt_dir)],
+    )
 
-        def score(path: Path) -> tuple[float, int]:
-            found = BEST_DICE.search(path.name)
-            return (float(found.group(1).rstrip(".")) if found else -1.0, path.stat().st_mtime_ns)
 
-        return max(best, key=score)
-    return find_last_checkpoint(ckpt_dir)
+def trained_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The checkpoint that stands for the model a fit made: the best by the monitored metric, else the last."""
+    ckpt = trainer.checkpoint_callback
+    return best_else_last(
+        [getattr(ckpt, "best_model_path", "") or None],
+        [getattr(ckpt, "last_model_path", "") or None, find_last_checkpoint(checkpoint_dir(trainer))],
+    )
 
 
 def model_checkpoints(spec: str | Path | Sequence[str | Path], option: str = "ckpt") -> list[Path]:
@@ -416,50 +431,4 @@ def save_last_checkpoint(trainer: L.Trainer) -> Path:
         # Recorded before saving, as ModelCheckpoint does, so the checkpoint's own state names this file.
         ckpt.last_model_path = str(path)
     trainer.save_checkpoint(path, weights_only=False)  # everything needed to continue, not just weights
-    return path
-
-
-MODEL_FILE = "model.ckpt"
-
-
-# What the model file keeps of a training checkpoint: the weights and everything needed to predict with them
-# (network, label names, preprocessing), not the optimizer and loop state needed to continue training.
-MODEL_KEYS = (
-    "state_dict",
-    "hyper_parameters",
-    "hparams_name",
-    "datamodule_hyper_parameters",
-    "datamodule_hparams_name",
-    "epoch",
-    "global_step",
-    "pytorch-lightning_version",
-)
-
-
-def model_source(trainer: L.Trainer) -> Path | None:
-    """The checkpoint the model file comes from: the best by the monitored metric, else the newest last.ckpt."""
-    ckpt = trainer.checkpoint_callback
-    for candidate in (
-        getattr(ckpt, "best_model_path", "") or None,
-        getattr(ckpt, "last_model_path", "") or None,
-        find_last_checkpoint(checkpoint_dir(trainer)),
-    ):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
-
-
-def write_model_file(
-    checkpoint: str | Path, model_dir: str | Path, config: dict[str, Any] | None = None
-) -> Path:
-    """``model_dir/model.ckpt``: the checkpoint's weights, network, labels and preprocessing, plus ``config``.
-
-    Loadable with ``torch.load(weights_only=True)`` and by ``python -m seglight.predict ckpt=<file>``.
-    """
-    state = safe_load(checkpoint)
-    model = {key: state[key] for key in MODEL_KEYS if key in state}
-    if config is not None:
-        model["config"] = config  # the composed run config, as plain data
-    path = Path(model_dir) / MODEL_FILE
-    atomic_torch_save(model, path)
     return path

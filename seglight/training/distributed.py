@@ -15,10 +15,11 @@ import sys
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from seglight.core.errors import EXIT_USER_ERROR
+from seglight.core.internals import attached_trainer, reruns_command_line
 from seglight.training import run_folder
 
 log = logging.getLogger("seglight")
@@ -143,13 +144,7 @@ def quiet_other_ranks(rank: int) -> None:
 
 def launch_problem(trainer: L.Trainer, multirun: bool) -> str | None:
     """Why this launch cannot give a correct run, or None: checked before any process trains."""
-    launcher = trainer.strategy.launcher
-    starts_processes = (
-        isinstance(launcher, _SubprocessScriptLauncher)
-        and launcher.num_processes > 1
-        and not launcher.cluster_environment.creates_processes_externally
-    )
-    if multirun and starts_processes:
+    if multirun and reruns_command_line(trainer):
         return (
             f"trainer.devices={trainer.num_devices} in a multirun (-m): Lightning would start each run's other "
             "processes by re-running this command line, sweep and all; use hydra/launcher=submitit_local (this "
@@ -180,3 +175,27 @@ def stop_unless_launchable(trainer: L.Trainer, multirun: bool, prog: str = "segl
         return
     print(f"{prog}: error: {problem}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USER_ERROR)
+
+
+def gather_rows(
+    module: L.LightningModule, parts: list[torch.Tensor] | None, width: int
+) -> torch.Tensor | None:
+    """Per-case rows ``(cases, width)`` of every process, concatenated in rank order; None if there are none.
+
+    Each process scores one contiguous block of the validation cases, so rank order is the cases' order.
+    Processes may hold different numbers of rows (none at all, too): they pad to the longest with NaN for the
+    collective, and the padding is cut off after.
+    """
+    device = module.device
+    rows = torch.cat([p.reshape(-1, width).to(device) for p in parts]) if parts else None
+    if rows is None:
+        rows = torch.empty(0, width, device=device)
+    if attached_trainer(module) is None or module.trainer.world_size <= 1:
+        return rows if rows.numel() else None
+    rows = rows.to(device)
+    counts = module.all_gather(torch.tensor(rows.shape[0], device=device)).reshape(-1).tolist()
+    padded = torch.full((max(max(counts), 1), width), float("nan"), device=device)
+    padded[: rows.shape[0]] = rows
+    gathered = module.all_gather(padded).reshape(len(counts), -1, width)
+    merged = torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)])
+    return merged if merged.numel() else None

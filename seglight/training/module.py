@@ -1,27 +1,29 @@
-"""SegModule: a MONAI network with its loss, metrics, optimiser and logging, as a LightningModule."""
+"""SegModule: a MONAI network as a LightningModule: its training and validation steps, and the path from logits to
+masks that validation, prediction and pictures share. Networks, losses and optimisers are built from their configs
+by ``seglight.models`` and ``seglight.training.optim``."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 import time
 import unicodedata
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.metrics import SurfaceDiceMetric
 from monai.networks.utils import one_hot
-from torch import nn
 
 from seglight.core.containers import plain
 from seglight.core.errors import ConfigError, DataError
-from seglight.data.sampling import PADDING
+from seglight.core.internals import attached_trainer
+from seglight.data.sampling import is_placeholder
+from seglight.models.losses import DEFAULT_LOSS, loss_for_task
 from seglight.models.metrics import (
     DeviceDiceMetric,
     HD95Metric,
@@ -29,20 +31,19 @@ from seglight.models.metrics import (
     image_spacing,
     per_class_means,
 )
-from seglight.models.networks import AUTO, DEFAULT_COMPUTE, apply_options, network_arguments, split_options
+from seglight.models.networks import DEFAULT_COMPUTE, DEFAULT_NET, build_network, out_channels
+from seglight.training.distributed import gather_rows
+from seglight.training.optim import (
+    DEFAULT_OPTIMIZER,
+    build_optimizer,
+    build_schedule,
+    follow_schedule_length,
+    gradient_clipping,
+    schedule_config,
+)
 
 log = logging.getLogger("seglight")
 
-DEFAULT_NET = {
-    "_target_": "monai.networks.nets.SegResNet",
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 1,
-    "init_filters": 16,
-    "dropout_prob": 0.2,
-}
-DEFAULT_LOSS = {"_target_": "monai.losses.DiceLoss", "sigmoid": True}
-DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4, "weight_decay": 0.0}
 # How whole volumes are segmented, in validation and in prediction: without roi_size the network sees the whole
 # volume at once (the lab's resize mode); with it, MONAI's sliding-window inference runs windows of that size
 # and blends them.
@@ -57,11 +58,6 @@ DEFAULT_INFERENCE = {
 # hd95_every_n: the surface metrics (HD95, NSD) at every n-th validation only (they run on the CPU).
 DEFAULT_METRICS = {"hd95": True, "surface_dice_tolerance": None, "hd95_every_n": 1}
 DEFAULT_THRESHOLD = 0.5
-# Scheduler arguments that take the schedule's length; "auto" fills in the run's epochs or optimiser steps.
-LENGTH_KEYS = ("T_max", "total_iters", "t_total")
-# Keys of a scheduler config beside the scheduler itself: Lightning's lr_scheduler settings, and seglight's share
-# of the run to warm up over.
-SCHEDULE_KEYS = ("interval", "frequency", "warmup_fraction")
 
 
 class SegModule(L.LightningModule):
@@ -79,7 +75,7 @@ class SegModule(L.LightningModule):
 
     Args:
         net: config of any ``monai.networks.nets`` class (or other ``nn.Module``): ``_target_`` and constructor
-            arguments. (Checkpoints of older versions kept the ``compute`` switches here; they still load.)
+            arguments.
         loss: config of the loss, called as ``loss(logits, target)``.
         optimizer: partial config of a ``torch.optim`` optimiser, completed with the parameters.
         scheduler: optional LR schedule in Lightning's shape: ``scheduler`` (a partial config of an LR scheduler,
@@ -110,11 +106,9 @@ class SegModule(L.LightningModule):
         data: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        net, legacy_switches = split_options(plain(net if net is not None else DEFAULT_NET))
-        out_channels = net.get("out_channels", 1)
-        if out_channels == AUTO:
-            raise ConfigError(_AUTO_MESSAGE.format(key="out_channels"))
-        softmax = int(out_channels) > 1
+        net = plain(net if net is not None else DEFAULT_NET)
+        channels = out_channels(net)
+        softmax = channels > 1
         self.save_hyperparameters(
             {
                 "net": net,
@@ -125,13 +119,13 @@ class SegModule(L.LightningModule):
                 "label_names": {int(k): str(v) for k, v in (label_names or {}).items()},
                 "inference": {**DEFAULT_INFERENCE, **(plain(inference) or {})},
                 "metrics": {**DEFAULT_METRICS, **(plain(metrics) or {})},
-                "compute": {**DEFAULT_COMPUTE, **legacy_switches, **(plain(compute) or {})},
+                "compute": {**DEFAULT_COMPUTE, **(plain(compute) or {})},
                 "data": plain(data) or {},
             }
         )
         self.softmax = softmax
         # Classes including background; the binary task has two (background and foreground).
-        self.num_classes = int(out_channels) if softmax else 2
+        self.num_classes = channels if softmax else 2
         self.net = build_network(self.hparams.net, self.hparams.compute)
         self.channels_last = bool(self.hparams.compute.get("channels_last"))
         self.loss_fn = instantiate(self.hparams.loss)
@@ -229,7 +223,7 @@ class SegModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Nothing here waits for the device: per-case loss and Dice stay on it, the surface metrics go to a CPU
         # thread, and the label values are checked when the epoch's metrics are read.
-        if PADDING in batch:
+        if is_placeholder(batch):
             return  # a placeholder that evens out the processes' validation steps: nothing to score
         image, label = batch["image"], batch["label"]
         logits = self.infer(image)
@@ -255,10 +249,7 @@ class SegModule(L.LightningModule):
 
     def surface_metrics_due(self) -> bool:
         """Whether this validation measures HD95/NSD: the first, then every ``metrics.hd95_every_n``-th."""
-        trainer = self._trainer
-        interval = (trainer.check_val_every_n_epoch or 1) if trainer is not None else 1
-        # Counted from the epoch, so a resumed run keeps the same rhythm.
-        return (self.current_epoch // interval) % self.hd95_every_n == 0
+        return validation_due(attached_trainer(self), self.hd95_every_n)
 
     def metric_masks(self, labels: torch.Tensor) -> torch.Tensor:
         """A label map ``(B, 1, ...)`` as the float masks the metrics take (one channel, or one-hot)."""
@@ -301,17 +292,17 @@ class SegModule(L.LightningModule):
         for metric in (self.dice, self.hd95, self.nsd):
             if metric is not None:
                 metric.reset()
-        losses = self._gather_rows(rows.get("loss"), 1)
+        losses = gather_rows(self, rows.get("loss"), 1)
         if losses is not None:
             self._log_gathered("Loss/val", float(losses.double().mean()))
-        dice, per_class = per_class_means(self._gather_rows(rows.get("dice"), self.num_classes - 1))
+        dice, per_class = per_class_means(gather_rows(self, rows.get("dice"), self.num_classes - 1))
         # As MONAI's DiceMetric reports it: 0 when no validation case has any foreground.
         self._log_gathered("Dice/val", dice if dice is not None else 0.0, prog_bar=True)
         self._log_per_class("Dice/val", per_class)
         for name, key, metric in (("HD95/val", "hd95", self.hd95), ("NSD/val", "nsd", self.nsd)):
             if metric is None or not self._surface_counted:
                 continue
-            mean, per_class = per_class_means(self._gather_rows(rows.get(key), self.num_classes - 1))
+            mean, per_class = per_class_means(gather_rows(self, rows.get(key), self.num_classes - 1))
             if mean is None:
                 self._warn_once(name, f"{name} not logged: no validation case has any foreground to measure")
             else:
@@ -336,26 +327,6 @@ class SegModule(L.LightningModule):
         already the values of all processes (it would otherwise warn that they might not be).
         """
         self.log(name, value, sync_dist=True, reduce_fx="max", **kwargs)
-
-    def _gather_rows(self, parts: list[torch.Tensor] | None, width: int) -> torch.Tensor | None:
-        """Per-case rows ``(cases, width)`` of every process, concatenated in rank order; None if there are none.
-
-        Each process scores one contiguous block of the validation cases, so rank order is the cases' order.
-        Processes may hold different numbers of rows (none at all, too): they pad to the longest with NaN for the
-        collective, and the padding is cut off after.
-        """
-        rows = torch.cat([p.reshape(-1, width).to(self.device) for p in parts]) if parts else None
-        if rows is None:
-            rows = torch.empty(0, width, device=self.device)
-        if self._trainer is None or self.trainer.world_size <= 1:
-            return rows if rows.numel() else None
-        rows = rows.to(self.device)
-        counts = self.all_gather(torch.tensor(rows.shape[0], device=self.device)).reshape(-1).tolist()
-        padded = torch.full((max(max(counts), 1), width), float("nan"), device=self.device)
-        padded[: rows.shape[0]] = rows
-        gathered = self.all_gather(padded).reshape(len(counts), -1, width)
-        merged = torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)])
-        return merged if merged.numel() else None
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned and not self.trainer.sanity_checking and self.trainer.is_global_zero:
@@ -387,99 +358,22 @@ class SegModule(L.LightningModule):
         """DataError naming the first validation case whose label map held a value the network has no output for
         (the ranges were recorded in the steps, on the device, and are read here, once an epoch)."""
         ranges, self._label_ranges = self._label_ranges, []
-        for (low, high), ids in ranges:
-            for case, lo, hi in zip(ids, low.tolist(), high.tolist(), strict=True):
-                if lo < 0 or hi >= self.num_classes:
-                    raise self._label_error(case, hi if hi >= self.num_classes else lo)
-
-    def _label_error(self, case: str, value: Any) -> DataError:
-        expected = "0 or 1 (binary)" if not self.softmax else f"0..{self.num_classes - 1}"
-        return DataError(
-            f"{case}: the label map holds value {value}, but the model expects {expected}; check the dataset's "
-            'labels (dataset.json "labels") and model.out_channels'
-        )
+        check_label_ranges(ranges, self.num_classes, self.softmax)
 
     # -- optimisation -------------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.hparams.optimizer, self.parameters(), self._gradient_clipping())
+        trainer = attached_trainer(self)
+        optimizer = build_optimizer(self.hparams.optimizer, self.parameters(), gradient_clipping(trainer))
         if not self.hparams.scheduler:
             return optimizer
-        interval = self.hparams.scheduler.get("interval", "epoch")
-        target, options = scheduler_settings(self.hparams.scheduler, lambda: self.schedule_length(interval))
-        scheduler = instantiate(target)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **options}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": build_schedule(self.hparams.scheduler, optimizer, trainer),
+        }
 
     def on_train_start(self) -> None:
-        self.follow_schedule_length()
-
-    def follow_schedule_length(self) -> None:
-        """Stretch an ``auto``-length schedule to this run's length when a checkpoint brought back another one.
-
-        A checkpoint restores the scheduler with the length of the run that saved it; a run extended with a
-        larger ``trainer.max_epochs`` would otherwise keep decaying towards the old end (and stay at the floor).
-        The schedule then follows the new length from the current epoch or step, as if it had been planned
-        for it from the start.
-        """
-        config = schedule_config(self.hparams.scheduler) or {}
-        target = dict(config.get("scheduler") or {})
-        auto = [key for key in LENGTH_KEYS if target.get(key) == AUTO]
-        if not auto or not self.trainer.lr_scheduler_configs:
-            return
-        scheduler_config = self.trainer.lr_scheduler_configs[0]
-        scheduler = scheduler_config.scheduler
-        length = self.schedule_length(scheduler_config.interval)
-        before = {key: getattr(scheduler, key) for key in auto if hasattr(scheduler, key)}
-        if not before or all(value == length for value in before.values()):
-            return
-        for key in before:
-            setattr(scheduler, key, length)
-        if config.get("warmup_fraction") is not None and hasattr(scheduler, "warmup_steps"):
-            scheduler.warmup_steps = round(float(config["warmup_fraction"]) * length)
-        rates = closed_form_rates(scheduler)
-        if rates is None:
-            log.warning(
-                "%s: the schedule's length is now %d, but its current learning rate cannot be recomputed",
-                type(scheduler).__name__,
-                length,
-            )
-            return
-        for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
-            group["lr"] = rate
-        scheduler._last_lr = list(rates)
-        log.info(
-            "Learning-rate schedule: %d %ss long (was %d in the checkpoint); learning rate now %.3g",
-            length,
-            scheduler_config.interval,
-            next(iter(before.values())),
-            rates[0],
-        )
-
-    def _gradient_clipping(self) -> bool:
-        trainer = self._trainer
-        return bool(trainer is not None and trainer.gradient_clip_val)
-
-    def schedule_length(self, interval: str) -> int:
-        """How many times the scheduler will step: the run's optimiser steps or epochs."""
-        trainer = self._trainer
-        if trainer is None:
-            raise ConfigError(
-                "scheduler: an 'auto' length needs the Trainer (attach the module before asking)"
-            )
-        if interval == "step":
-            steps = trainer.estimated_stepping_batches
-            if steps in (None, float("inf")):
-                raise ConfigError("scheduler: 'auto' length needs trainer.max_epochs or trainer.max_steps")
-            return int(steps)
-        if trainer.max_epochs in (None, -1):
-            raise ConfigError("scheduler: 'auto' length needs trainer.max_epochs")
-        return int(trainer.max_epochs)
-
-
-_AUTO_MESSAGE = (
-    "model.{key}=auto is filled in from the data: build the module with seglight.build(cfg) (or "
-    "seglight.config.builder.build_module(cfg, datamodule)), or give a number"
-)
+        follow_schedule_length(self.trainer, self.hparams.scheduler)
 
 
 def _case_ids(batch: Mapping[str, Any], count: int) -> list[str]:
@@ -495,132 +389,30 @@ def as_float_label(label: torch.Tensor) -> torch.Tensor:
     return label if label.is_floating_point() else label.float()
 
 
-def build_optimizer(
-    config: Mapping[str, Any], parameters: Iterator[nn.Parameter], gradient_clipping: bool = False
-) -> torch.optim.Optimizer:
-    """The optimiser of a partial config, fused (one kernel per step, no host sync) where that is safe.
+def check_label_ranges(ranges: list[tuple[Any, list[str]]], num_classes: int, softmax: bool) -> None:
+    """DataError naming the first case whose label map held a value outside 0..num_classes-1.
 
-    On CUDA, an optimiser that takes ``fused`` (Adam, AdamW, SGD) is built with ``fused=True`` unless the config
-    says otherwise: besides being faster, a fused optimiser takes the AMP scaler's inf check on the device, where
-    the unfused path reads it back to the host at every step under ``16-mixed``. Not with gradient clipping,
-    which needs the gradients unscaled before the step. Elsewhere the config is used as it is.
+    ``ranges``: per batch, the (lowest, highest) label value of each case (tensors) and the cases' ids.
     """
-    params = list(parameters)
-    partial = instantiate(config)
-    options: dict[str, Any] = {}
-    if (
-        not gradient_clipping
-        and "fused" not in config
-        and "foreach" not in config
-        and params
-        and all(p.is_cuda and p.is_floating_point() for p in params)
-        and _accepts(config.get("_target_"), "fused")
-    ):
-        options["fused"] = True
-    try:
-        return partial(params=params, **options)
-    except (RuntimeError, ValueError, TypeError):
-        if not options:
-            raise
-        return partial(params=params)  # a combination the fused kernel does not support: the plain one
+    for (low, high), ids in ranges:
+        for case, lo, hi in zip(ids, low.tolist(), high.tolist(), strict=True):
+            if lo < 0 or hi >= num_classes:
+                expected = "0 or 1 (binary)" if not softmax else f"0..{num_classes - 1}"
+                raise DataError(
+                    f"{case}: the label map holds value {hi if hi >= num_classes else lo}, but the model expects "
+                    f'{expected}; check the dataset\'s labels (dataset.json "labels") and model.out_channels'
+                )
 
 
-def _accepts(target: Any, argument: str) -> bool:
-    try:
-        return argument in inspect.signature(get_class(str(target))).parameters
-    except Exception:  # not a class we can inspect: leave it alone
-        return False
+def validation_due(trainer: L.Trainer | None, every_n: int) -> bool:
+    """Whether this validation is the first or an ``every_n``-th one (surface metrics, pictures).
 
-
-def closed_form_rates(scheduler: Any) -> list[float] | None:
-    """The learning rates ``scheduler`` gives at its current epoch or step, from its formula; None if unknown."""
-    if hasattr(scheduler, "_get_closed_form_lr"):  # CosineAnnealingLR, PolynomialLR, StepLR, ...
-        return [float(rate) for rate in scheduler._get_closed_form_lr()]
-    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # MONAI's WarmupCosineSchedule
-        step = scheduler.last_epoch
-        return [
-            float(base * rate(step))
-            for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
-        ]
-    return None
-
-
-def build_network(config: Mapping[str, Any], compute: Mapping[str, Any] | None = None) -> nn.Module:
-    """Instantiate a network config with the ``compute`` switches, turning a wrong ``_target_`` or argument into
-    a ConfigError."""
-    target = config.get("_target_", "<no _target_>") if isinstance(config, Mapping) else config
-    arguments, legacy_switches = split_options(config)
-    options = {**legacy_switches, **(compute or {})}
-    unresolved = [key for key, value in arguments.items() if isinstance(value, str) and value == AUTO]
-    if unresolved:
-        raise ConfigError(_AUTO_MESSAGE.format(key=unresolved[0]))
-    hydra_args, direct_args = network_arguments(arguments, options)
-    try:
-        net = instantiate(hydra_args, _partial_=True)(**direct_args)
-    except Exception as exc:
-        cause = exc.__cause__ or exc
-        raise ConfigError(f"model: cannot build {target}: {cause}") from exc
-    if not isinstance(net, nn.Module):
-        raise ConfigError(f"model: {target} is not a torch.nn.Module")
-    return apply_options(net, arguments, options)
-
-
-def schedule_config(scheduler: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A scheduler config in Lightning's shape (``scheduler``, ``interval``, ...), or None for a constant rate.
-
-    Older checkpoints kept ``interval`` and ``warmup_fraction`` beside ``_target_``; they are moved out.
+    Counted from the epoch, so a resumed run keeps the same rhythm.
     """
-    if not scheduler:
-        return None
-    cfg = dict(scheduler)
-    if "_target_" in cfg:
-        outer = {key: cfg.pop(key) for key in SCHEDULE_KEYS if key in cfg}
-        return {"scheduler": cfg, **outer}
-    if "scheduler" not in cfg:
-        raise ConfigError(
-            f"scheduler: expected a 'scheduler' entry with a _target_ (see conf/scheduler/), got keys {sorted(cfg)}"
-        )
-    return cfg
-
-
-def scheduler_settings(
-    schedule: Mapping[str, Any], length: int | Callable[[], int]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the scheduler's config with its ``auto`` lengths and warm-up filled in, Lightning's lr_scheduler options).
-
-    ``length`` is how many times the scheduler will step (or a function that says, asked only when needed).
-    """
-    schedule = schedule_config(schedule) or {}
-    target = dict(schedule["scheduler"])
-    options = {k: v for k, v in schedule.items() if k in ("interval", "frequency")}
-    options.setdefault("interval", "epoch")
-    warmup_fraction = schedule.get("warmup_fraction")
-    if warmup_fraction is not None or AUTO in (target.get(k) for k in LENGTH_KEYS):
-        steps = length() if callable(length) else int(length)
-        for key in LENGTH_KEYS:
-            if target.get(key) == AUTO:
-                target[key] = steps
-        if warmup_fraction is not None:
-            target["warmup_steps"] = round(float(warmup_fraction) * steps)
-    return target, options
-
-
-def loss_for_task(loss: Mapping[str, Any], softmax: bool) -> dict[str, Any]:
-    """The loss config with the activation the task needs (MONAI Dice-family losses; others are left alone).
-
-    Binary: ``sigmoid`` on the single output channel. Multi-class: ``softmax`` over the channels and
-    ``to_onehot_y`` so that a label map of values 0..C-1 is the target.
-    """
-    cfg = dict(loss)
-    if not ({"sigmoid", "softmax"} & set(cfg)):
-        return cfg
-    for key in ("sigmoid", "softmax", "to_onehot_y"):
-        cfg.pop(key, None)
-    if softmax:
-        cfg.update(softmax=True, to_onehot_y=True)
-    else:
-        cfg.update(sigmoid=True)
-    return cfg
+    if trainer is None:
+        return True
+    interval = trainer.check_val_every_n_epoch or 1
+    return (trainer.current_epoch // interval) % every_n == 0
 
 
 def _tag(name: str) -> str:

@@ -1,4 +1,5 @@
-"""What a run tells the user: model size at the start, where it came from, and a summary at the end."""
+"""What a run tells the user: model size at the start, where it came from (``run_info.json``), and its summary at
+the end (``summary.json``, whose schema is ``seglight.training.summary_file.RunSummary``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from seglight.core.errors import SeglightError
 from seglight.core.io import atomic_write_text
 from seglight.training.checkpoints import safe_load
 from seglight.training.module import SegModule
+from seglight.training.summary_file import RunSummary
 
 log = logging.getLogger("seglight")
 
@@ -47,23 +49,24 @@ def write_summary(
     validation_s = getattr(module, "validation_time_s", None)
     best_score = getattr(ckpt, "best_model_score", None)
     best_checkpoint = getattr(ckpt, "best_model_path", "") or None
-    summary = {
-        "status": status,
-        "best_dice": float(best_score) if best_score is not None else None,
-        "best_epoch": checkpoint_epoch(best_checkpoint),
-        "best_checkpoint": best_checkpoint,
-        "last_checkpoint": getattr(ckpt, "last_model_path", "") or None,
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "interrupted": trainer.interrupted,
-        "wall_time_s": round(wall_time_s, 1) if wall_time_s is not None else None,
+    record = RunSummary(
+        status=status,
+        best_dice=float(best_score) if best_score is not None else None,
+        best_epoch=checkpoint_epoch(best_checkpoint),
+        best_checkpoint=best_checkpoint,
+        last_checkpoint=getattr(ckpt, "last_model_path", "") or None,
+        epochs=trainer.current_epoch,
+        global_step=trainer.global_step,
+        interrupted=trainer.interrupted,
+        wall_time_s=round(wall_time_s, 1) if wall_time_s is not None else None,
         # This session's validations (the sanity check excluded): their count and total wall time.
-        "validations": getattr(module, "validations", None),
-        "validation_time_s": round(validation_s, 1) if validation_s is not None else None,
-        "output_dir": str(output_dir),
-    }
+        validations=getattr(module, "validations", None),
+        validation_time_s=round(validation_s, 1) if validation_s is not None else None,
+        output_dir=str(output_dir),
+    )
+    summary = record.as_dict()
     if trainer.is_global_zero:
-        atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
+        record.write(output_dir)
         dice = (
             f"{summary['best_dice']:.4f} (epoch {summary['best_epoch']})"
             if summary["best_dice"] is not None

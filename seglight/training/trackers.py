@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seglight.core.console import wants_everything
 from seglight.core.errors import ConfigError, SeglightError
+from seglight.core.internals import tensorboard_file_writer, wandb_init_arguments
 
 log = logging.getLogger("seglight")
 
@@ -192,8 +193,8 @@ def wandb_logger(
         mode=mode,
         **kwargs,
     )
-    init_arguments = getattr(logger, "_wandb_init", None)
-    if isinstance(init_arguments, dict) and init_arguments.get("anonymous") is None:
+    init_arguments = wandb_init_arguments(logger)
+    if init_arguments is not None and init_arguments.get("anonymous") is None:
         # Lightning passes anonymous=None, which W&B now answers with a deprecation notice on every run.
         init_arguments.pop("anonymous", None)
     return logger
@@ -313,7 +314,7 @@ def write_hparams_session(logger: TensorBoardLogger, settings: Mapping[str, Any]
 
     _, session_start, _ = hparams(dict(settings), {BEST_DICE: 0.0})
     # Lightning's TensorBoardLogger writes its own hparams summaries through the same writer.
-    logger.experiment._get_file_writer().add_summary(session_start)
+    tensorboard_file_writer(logger).add_summary(session_start)
     logger.experiment.flush()
 
 

@@ -142,17 +142,12 @@ def test_python_defaults_are_the_yaml_defaults(tmp_path: Path) -> None:
     from seglight.data.settings import DEFAULT_PATCH
     from seglight.data.transforms import deterministic_transforms
     from seglight.evaluation.scoring import evaluate
-    from seglight.models.networks import DEFAULT_COMPUTE
+    from seglight.models.losses import DEFAULT_LOSS
+    from seglight.models.networks import DEFAULT_COMPUTE, DEFAULT_NET
     from seglight.prediction.cases import predict
     from seglight.prediction.predictor import Predictor
-    from seglight.training.module import (
-        DEFAULT_INFERENCE,
-        DEFAULT_LOSS,
-        DEFAULT_METRICS,
-        DEFAULT_NET,
-        DEFAULT_OPTIMIZER,
-        SegModule,
-    )
+    from seglight.training.module import DEFAULT_INFERENCE, DEFAULT_METRICS, SegModule
+    from seglight.training.optim import DEFAULT_OPTIMIZER
 
     train = OmegaConf.to_container(compose(["data=msd"], output_dir=tmp_path))
     data = train["data"]
@@ -219,7 +214,7 @@ def test_every_target_config_instantiates_as_hydra_users_would(
     from hydra.utils import instantiate
 
     from seglight.config.builder import build_module
-    from seglight.training.module import scheduler_settings
+    from seglight.training.optim import scheduler_settings
 
     overrides = [f"{group}={option}"]
     if group != "data" or option == "demo":

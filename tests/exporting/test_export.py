@@ -133,7 +133,7 @@ def test_onnx_gives_the_checkpoints_logits_within_1e4(
 def test_command_line_exports_the_plain_network_beside_the_run(binary_ckpt: Path, tmp_path: Path) -> None:
     # The checkpoint as a run with every memory and speed switch on writes it: the same weights.
     checkpoint = torch.load(binary_ckpt, map_location="cpu", weights_only=False)
-    checkpoint["hyper_parameters"]["net"].update(compile=True, channels_last=True, checkpointing=True)
+    checkpoint["hyper_parameters"]["compute"].update(compile=True, channels_last=True, checkpointing=True)
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     ckpt = run_dir / "checkpoints" / "best.ckpt"

@@ -27,7 +27,7 @@ from seglight.core.errors import ConfigError
 from seglight.data.caching.device import move_to_device, use_gpu_cache
 from seglight.models.metrics import DeviceDiceMetric, HD95Metric, SurfaceMetrics
 from seglight.train import train
-from seglight.training.module import build_optimizer
+from seglight.training.optim import build_optimizer
 from tests.helpers import tensorboard_scalars, tiny_config
 
 # PyTorch's own host-side bookkeeping: Adam's step count is a CPU tensor unless fused (seglight's choice on CUDA,

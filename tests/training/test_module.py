@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import lightning as L
@@ -80,3 +81,79 @@ def test_load_from_checkpoint_needs_no_config(tmp_path: Path) -> None:
 def test_unknown_network_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="monai.networks.nets.NoSuchNet"):
         SegModule(net={"_target_": "monai.networks.nets.NoSuchNet"})
+
+
+# A checkpoint's hyper_parameters exactly as the released version (before the package was split into
+# sub-packages) wrote them: run_patch's last.ckpt of `experiment=patch` (DynUNet, cosine schedule, windows).
+RELEASED_HPARAMS = {
+    "net": {
+        "_target_": "monai.networks.nets.DynUNet",
+        "deep_supervision": False,
+        "filters": [8, 16, 32, 32],
+        "in_channels": 1,
+        "kernel_size": [[3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 1]],
+        "out_channels": 1,
+        "res_block": True,
+        "spatial_dims": 3,
+        "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2], [1, 1, 2]],
+        "upsample_kernel_size": [[2, 2, 1], [2, 2, 2], [1, 1, 2]],
+    },
+    "loss": {"_target_": "monai.losses.DiceCELoss", "lambda_ce": 1.0, "lambda_dice": 1.0, "sigmoid": True},
+    "optimizer": {"_partial_": True, "_target_": "torch.optim.Adam", "lr": 0.001, "weight_decay": 0.0},
+    "scheduler": {
+        "interval": "epoch",
+        "scheduler": {
+            "T_max": "auto",
+            "_partial_": True,
+            "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
+            "eta_min": 0.0,
+        },
+    },
+    "threshold": 0.5,
+    "label_names": {0: "background", 1: "organ"},
+    "inference": {
+        "device": None,
+        "mode": "gaussian",
+        "overlap": 0.5,
+        "roi_size": [16, 16, 16],
+        "sw_batch_size": 4,
+        "sw_device": None,
+    },
+    "metrics": {"hd95": True, "hd95_every_n": 1, "surface_dice_tolerance": None},
+    "compute": {"channels_last": False, "checkpointing": False, "compile": False},
+    "data": {
+        "a_max": 1000.0,
+        "a_min": -1000.0,
+        "image_key": "image",
+        "image_pattern": "*/img.nii.gz",
+        "label_key": "label",
+        "label_pattern": "*/label.nii.gz",
+        "layout": "auto",
+        "mode": "patch",
+        "orientation": "RAS",
+        "spatial_size": [64, 64, 32],
+        "target_spacing": None,
+    },
+}
+
+
+def test_hyper_parameters_of_the_released_version_load(tmp_path: Path) -> None:
+    saved = SegModule(**copy.deepcopy(RELEASED_HPARAMS))
+    assert dict(saved.hparams) == RELEASED_HPARAMS  # and today's module saves them in the same form
+    path = tmp_path / "released.ckpt"
+    torch.save(
+        {
+            "state_dict": saved.state_dict(),
+            "hyper_parameters": copy.deepcopy(RELEASED_HPARAMS),
+            "pytorch-lightning_version": "2.6.6",
+        },
+        path,
+    )
+    module = SegModule.load_from_checkpoint(path, map_location="cpu")
+    assert dict(module.hparams) == RELEASED_HPARAMS and type(module.net).__name__ == "DynUNet"
+    assert module.infer(torch.rand(1, 1, 24, 24, 16)).shape == (1, 1, 24, 24, 16)  # sliding windows of 16
+    module.trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False)
+    configured = module.configure_optimizers()
+    scheduler = configured["lr_scheduler"]["scheduler"]
+    assert isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and scheduler.T_max == 3
+    assert configured["lr_scheduler"]["interval"] == "epoch"

@@ -12,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seglight import SegModule, compose
-from seglight.training.module import loss_for_task
+from seglight.models.losses import loss_for_task
 from tests.helpers import make_msd_dataset, run_cli, tiny_overrides, train_in_process, write_nifti
 
 TINY_NET = {

@@ -24,7 +24,7 @@ STEP_LR = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "st
 def run(run_dir: Path, *overrides: str) -> dict:
     cfg = tiny_config(run_dir, *overrides)
     with open_dict(cfg):
-        cfg.scheduler = dict(STEP_LR, interval="epoch")
+        cfg.scheduler = {"scheduler": STEP_LR, "interval": "epoch"}
     return train(cfg)
 
 

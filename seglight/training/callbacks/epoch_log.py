@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from seglight.core.console import FILE_ONLY
+from seglight.data.sampling import is_placeholder
 
 log = logging.getLogger("seglight")
 
@@ -60,7 +61,7 @@ class EpochLog(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if isinstance(batch, dict) and "image" not in batch:
+        if is_placeholder(batch):
             return  # a placeholder that evens out the processes' validation steps under DDP: no case
         image = batch.get("image") if isinstance(batch, dict) else None
         self._val_cases += len(image) if image is not None else 1

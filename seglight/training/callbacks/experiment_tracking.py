@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from seglight.core.internals import logged_step, skip_hyperparameter_logging
 from seglight.training.trackers import BEST_DICE, flatten, is_mlflow, write_hparams_session
 
 
@@ -39,9 +40,9 @@ class ExperimentTracking(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # This callback logs the whole composed config instead of Lightning's merge of the module's and the data
         # module's saved arguments (what save_hyperparameters(logger=False) would say in each of them).
-        pl_module._log_hyperparams = False
+        skip_hyperparameter_logging(pl_module)
         if trainer.datamodule is not None:
-            trainer.datamodule._log_hyperparams = False
+            skip_hyperparameter_logging(trainer.datamodule)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
@@ -68,6 +69,6 @@ class ExperimentTracking(Callback):
             return
         self.best = float(dice) if self.best is None else max(self.best, float(dice))
         # The step Lightning logs this validation's metrics at, so the curves line up in every tracker.
-        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        step = logged_step(trainer)
         for logger in trainer.loggers:
             logger.log_metrics({BEST_DICE: self.best}, step=step)

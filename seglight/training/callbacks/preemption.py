@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from seglight.core.errors import ConfigError
+from seglight.core.internals import mark_sigterm_received
 from seglight.training.checkpoints import save_last_checkpoint
 
 log = logging.getLogger("seglight")
@@ -69,7 +70,7 @@ class Preemption(Callback):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
         self._active = False
-        self._trainer: L.Trainer | None = None
+        self._fitting: L.Trainer | None = None  # the trainer of the fit under way
         self._in_group = False  # several processes: stop when they agree (see the class docstring)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -77,7 +78,7 @@ class Preemption(Callback):
             return  # Python runs signal handlers in the main thread only
         self.signum = None
         self._active = True
-        self._trainer = trainer
+        self._fitting = trainer
         self._in_group = False
         # Installed before Lightning's own SIGTERM handler, which then calls this one after setting its flag.
         self._previous = {signum: signal.getsignal(signum) for signum in INTERRUPT_SIGNALS}
@@ -130,7 +131,7 @@ class Preemption(Callback):
     def _on_signal_in_group(self, signum: int, frame: Any) -> None:
         first = self.signum is None
         self._on_signal(signum, frame)
-        launcher = getattr(self._trainer.strategy, "launcher", None) if self._trainer is not None else None
+        launcher = getattr(self._fitting.strategy, "launcher", None) if self._fitting is not None else None
         if first and launcher is not None:
             launcher.kill(signum)  # the processes Lightning's launcher started (none under torchrun or srun)
 
@@ -141,8 +142,7 @@ class Preemption(Callback):
         if trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
             if self.signum is None:
                 self.signum = signal.SIGTERM
-            # Lightning's own flag (no public setter): its loops raise SIGTERMException after this step.
-            trainer._signal_connector.received_sigterm = True
+            mark_sigterm_received(trainer)  # Lightning's loops raise SIGTERMException after this step
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._agree_to_stop(trainer)

@@ -33,14 +33,14 @@ class RNGState(Callback):
     """
 
     def __init__(self) -> None:
-        self._trainer: L.Trainer | None = None
+        self._fitting: L.Trainer | None = None  # the trainer of the fit under way
         self._pending: dict[str, Any] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._trainer = trainer
+        self._fitting = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        loaders = train_loaders(self._trainer) if self._trainer is not None else []
+        loaders = train_loaders(self._fitting) if self._fitting is not None else []
         return capture_rng_state(loaders)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -16,9 +16,29 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import OmegaConf
 
-from seglight.training.checkpoints import MODEL_FILE, model_source, save_last_checkpoint, write_model_file
+from seglight.core.internals import last_saved_step
+from seglight.training.checkpoints import (
+    atomic_torch_save,
+    safe_load,
+    save_last_checkpoint,
+    trained_checkpoint,
+)
 
 log = logging.getLogger("seglight")
+
+MODEL_FILE = "model.ckpt"
+# What the model file keeps of a training checkpoint: the weights and everything needed to predict with them
+# (network, label names, preprocessing), not the optimizer and loop state needed to continue training.
+MODEL_KEYS = (
+    "state_dict",
+    "hyper_parameters",
+    "hparams_name",
+    "datamodule_hyper_parameters",
+    "datamodule_hparams_name",
+    "epoch",
+    "global_step",
+    "pytorch-lightning_version",
+)
 
 
 class SageMakerOutputs(Callback):
@@ -54,7 +74,7 @@ class SageMakerOutputs(Callback):
         """Write the best (else the last) checkpoint as the model file, if it changed since the last export."""
         if not trainer.is_global_zero:
             return None
-        source = model_source(trainer)
+        source = trained_checkpoint(trainer)
         if source is None:
             return None
         stamp = (str(source), source.stat().st_mtime_ns)
@@ -69,8 +89,24 @@ class SageMakerOutputs(Callback):
 def _saved_at_this_step(trainer: L.Trainer) -> bool:
     # ModelCheckpoint saved last.ckpt after this epoch's validation already: no second write of the same state.
     ckpt = trainer.checkpoint_callback
-    saved = getattr(ckpt, "_last_global_step_saved", None) if isinstance(ckpt, ModelCheckpoint) else None
+    saved = last_saved_step(ckpt) if isinstance(ckpt, ModelCheckpoint) else None
     return saved == trainer.global_step and bool(getattr(ckpt, "save_last", False))
+
+
+def write_model_file(
+    checkpoint: str | Path, model_dir: str | Path, config: dict[str, Any] | None = None
+) -> Path:
+    """``model_dir/model.ckpt``: the checkpoint's weights, network, labels and preprocessing, plus ``config``.
+
+    Loadable with ``torch.load(weights_only=True)`` and by ``python -m seglight.predict ckpt=<file>``.
+    """
+    state = safe_load(checkpoint)
+    model = {key: state[key] for key in MODEL_KEYS if key in state}
+    if config is not None:
+        model["config"] = config  # the composed run config, as plain data
+    path = Path(model_dir) / MODEL_FILE
+    atomic_torch_save(model, path)
+    return path
 
 
 def composed_config() -> dict[str, Any] | None:

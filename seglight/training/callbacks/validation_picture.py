@@ -10,6 +10,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from seglight.core.errors import ConfigError
 from seglight.core.geometry import spacing_from_affine
+from seglight.data.sampling import is_placeholder
+from seglight.training.module import validation_due
 from seglight.visualization.figures import SLICE_CHOICES, figure_to_rgb, three_panel_figure
 
 
@@ -41,11 +43,6 @@ class ValidationPicture(L.Callback):
         self.slice = slice
         self.tag = tag
 
-    def _due(self, trainer: L.Trainer) -> bool:
-        # Counted from the epoch, so a resumed run keeps the same rhythm.
-        interval = trainer.check_val_every_n_epoch or 1
-        return (trainer.current_epoch // interval) % self.every == 0
-
     def on_validation_batch_end(
         self,
         trainer: L.Trainer,
@@ -57,10 +54,10 @@ class ValidationPicture(L.Callback):
     ) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or batch_idx != self.case_index:
             return
-        if "image" not in batch:  # a placeholder that evens out the processes' validation steps under DDP
+        if is_placeholder(batch):  # a placeholder that evens out the processes' validation steps under DDP
             return
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers or not self._due(trainer):
+        if not loggers or not validation_due(trainer, self.every):
             return
         image = batch["image"][:1]
         with torch.no_grad():  # segmented as validation does: whole volume, or sliding windows in patch mode
