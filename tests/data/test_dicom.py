@@ -20,37 +20,19 @@ from seglight.core.errors import DataError
 from seglight.data.dicom import dicom_volumes, find_series, is_dicom_source, series_volume
 from seglight.data.dicom_geometry import NotAVolume
 from seglight.data.remote import RemoteCache
-from tests.helpers import S3, nifti_with_affine, run_command, write_dicom_series, write_nifti
-
-SHAPE = (20, 18, 16)
-# Array axes -> RAS mm, as NIfTI writes them. AXIAL is DICOM's usual axial grid (rows run left, columns back).
-AXIAL = np.array([[-0.8, 0, 0, 100.0], [0, -0.8, 0, 80.0], [0, 0, 2.5, -50.0], [0, 0, 0, 1]])
-CORONAL = np.array([[-0.7, 0, 0, 10.0], [0, 0, -2.0, 20.0], [0, -0.9, 0, 30.0], [0, 0, 0, 1]])
-TILTED = AXIAL + np.array([[0, 0, 0, 0], [0, 0, 0.4, 0], [0, 0, 0, 0], [0, 0, 0, 0]])  # a sheared grid
-
-
-def oblique() -> np.ndarray:
-    """Rotated about all three axes, with anisotropic voxels."""
-    a, b, c = np.radians([20.0, 10.0, -15.0])
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    affine = np.eye(4)
-    affine[:3, :3] = rz @ ry @ rx @ np.diag([0.9, 1.1, 2.2])
-    affine[:3, 3] = [5.0, -7.0, 12.0]
-    return affine
-
-
-def as_dicom_orders(image: nib.Nifti1Image) -> nib.Nifti1Image:
-    """The image as a DICOM reader must return it: slices ascending along the slice normal (row x column
-    direction, in LPS), so an image whose third axis points the other way comes back flipped along it."""
-    lps = np.diag([-1.0, -1.0, 1.0])
-    normal = np.cross(lps @ image.affine[:3, 0], lps @ image.affine[:3, 1])
-    if float(np.dot(normal, lps @ image.affine[:3, 2])) > 0:
-        return image
-    flip = np.eye(4)
-    flip[2, 2], flip[2, 3] = -1.0, image.shape[2] - 1  # voxel k of the flipped image is voxel n-1-k
-    return nib.Nifti1Image(np.asarray(image.dataobj)[:, :, ::-1], image.affine @ flip)
+from tests.helpers import (
+    AXIAL,
+    CORONAL,
+    S3,
+    SHAPE,
+    TILTED,
+    as_dicom_orders,
+    nifti_with_affine,
+    oblique,
+    run_command,
+    write_dicom_series,
+    write_nifti,
+)
 
 
 def read_back(path: Path) -> tuple[np.ndarray, np.ndarray]:
