@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from seglight.core.errors import ConfigError, DataError
+from seglight.core.errors import ConfigError, DataError, describe_exception
 from seglight.core.io import atomic_path
 from seglight.data.dicom import INSTALL_HINT, DicomSeries
 from seglight.data.dicom_geometry import frame_geometry, sample_onto_frame
@@ -114,6 +114,10 @@ def write_dicom_seg(
         )
     names = {int(k): str(v) for k, v in (label_names or {}).items() if int(k) != 0}
     present = sorted(int(v) for v in np.unique(mask) if v != 0)
+    if present and present[0] < 0:
+        raise DataError(
+            f"{series.describe()}: the mask holds the label value {present[0]}; labels are 0 or more"
+        )
     values = sorted(set(names) | set(present))
     frames, off_grid = _frames(mask, affine, series)
     if off_grid > OFF_GRID_TOLERANCE:
@@ -141,23 +145,28 @@ def write_dicom_seg(
         if series_number is not None
         else int(getattr(headers[0], "SeriesNumber", 0) or 0) + 1000
     )
-    seg = hd.seg.Segmentation(
-        source_images=headers,
-        pixel_array=segments,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=ALGORITHM,
-        manufacturer_model_name=model_name[:64],
-        software_versions=f"{ALGORITHM} {seglight_version()}",
-        device_serial_number=ALGORITHM,
-        content_label="SEGLIGHT",
-        content_description="automatic segmentation"[:64],
-        series_description=series_description[:64],
-    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=headers,
+            pixel_array=segments,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer=ALGORITHM,
+            manufacturer_model_name=model_name[:64],
+            software_versions=f"{ALGORITHM} {seglight_version()}",
+            device_serial_number=ALGORITHM,
+            content_label="SEGLIGHT",
+            content_description="automatic segmentation",
+            series_description=series_description[:64],
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # source headers highdicom cannot use
+        raise DataError(
+            f"{series.describe()}: highdicom cannot make a DICOM SEG of it ({describe_exception(exc)})"
+        ) from None
     with atomic_path(output) as tmp:
         seg.save_as(tmp)
     return Path(output)
