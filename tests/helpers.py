@@ -326,3 +326,16 @@ def as_dicom_orders(image: nib.Nifti1Image) -> nib.Nifti1Image:
     flip = np.eye(4)
     flip[2, 2], flip[2, 3] = -1.0, image.shape[2] - 1  # voxel k of the flipped image is voxel n-1-k
     return nib.Nifti1Image(np.asarray(image.dataobj)[:, :, ::-1], image.affine @ flip)
+
+
+def tiny_checkpoint(run_dir: Path, *overrides: str) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt`` of a one-epoch tiny run on the demo data (16x16x8), trained in-process."""
+    # A network sized by model.filters (DynUNet) has no init_filters (SegResNet's).
+    sized = any(o.startswith("model.filters=") for o in overrides)
+    base = [o for o in tiny_overrides(run_dir) if not (sized and o.startswith("model.init_filters"))]
+    status = train_in_process(
+        [*base, "data.spatial_size=[16,16,8]", "trainer.max_epochs=1", *overrides], run_dir
+    )
+    assert status == 0
+    (written,) = (run_dir / "checkpoints").glob("*.ckpt")
+    return written.rename(run_dir / "checkpoints" / "last.ckpt")

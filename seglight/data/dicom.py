@@ -134,6 +134,23 @@ def dicom_volumes(
     return result
 
 
+def dicom_volume(
+    source: str | Path, store: RemoteCache | None = None, cache_dir: str | Path | None = None
+) -> Path:
+    """The NIfTI volume of a folder (prefix, zip) that holds one series: a datalist's image entry that is a series
+    folder. A DataError when it holds no volume, or several series that are."""
+    converted = dicom_volumes(source, store, cache_dir)
+    if len(converted.volumes) == 1:
+        return next(iter(converted.volumes.values()))
+    if not converted.volumes:
+        reasons = "; ".join(converted.skipped.values())
+        raise DataError(f"{source}: holds no DICOM series that is a volume ({reasons})")
+    raise DataError(
+        f"{source}: holds {len(converted.volumes)} series that are volumes ({', '.join(converted.volumes)}); "
+        "give the folder of one series"
+    )
+
+
 def find_series(
     source: str | Path,
     store: RemoteCache | None = None,

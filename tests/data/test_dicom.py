@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from seglight.core.errors import DataError
-from seglight.data.dicom import dicom_volumes, find_series, is_dicom_source, series_volume
+from seglight.data.dicom import dicom_volume, dicom_volumes, find_series, is_dicom_source, series_volume
 from seglight.data.dicom_geometry import NotAVolume
 from seglight.data.remote import RemoteCache
 from tests.helpers import (
@@ -145,6 +145,13 @@ def test_one_folder_of_several_series_converts_the_volumes_and_names_what_it_ski
     echoes = generate_uid()
     for echo in ("E1", "E2"):
         write_dicom_series(folder / "s10", image, series_number=10, series_uid=echoes, prefix=echo)
+    enhanced = write_dicom_series(
+        folder / "s11", image.slicer[:, :, :2], series_number=11, sop_class="1.2.840.10008.5.1.4.1.1.2.1"
+    )
+    for path in enhanced:  # Enhanced CT keeps a whole volume in one file of many frames
+        dataset = pydicom.dcmread(path)
+        dataset.NumberOfFrames = 8
+        dataset.save_as(path)
     (folder / "README.txt").write_text("exported from the PACS\n")
 
     result = dicom_volumes(folder, cache_dir=tmp_path / "cache")
@@ -160,7 +167,8 @@ def test_one_folder_of_several_series_converts_the_volumes_and_names_what_it_ski
     assert "images of 2 different orientations (mixed orientations)" in reasons["8"]
     assert "a single image, not a volume" in reasons["9"]
     assert "32 images at 16 slice positions (several echoes" in reasons["10"]
-    assert sorted(reasons) == ["1", "10", "5", "6", "7", "8", "9"]
+    assert "multi-frame images (Enhanced CT Image Storage), which seglight does not read yet" in reasons["11"]
+    assert sorted(reasons) == ["1", "10", "11", "5", "6", "7", "8", "9"]
     # Each line names the series, so a user can find it.
     assert result.skipped["PAT1_20240102_series5"].startswith(
         "PAT1_20240102_series5 (CT series 5 'test series 5', 15 images): 1 missing slice(s)"
@@ -278,3 +286,20 @@ def test_without_pydicom_the_error_names_the_extra_to_install(tmp_path: Path, mo
         'seglight: error: reading DICOM needs pydicom, which is not installed: pip install "seglight[dicom]"'
     ]
     shutil.rmtree(tmp_path / "blocked")
+
+
+def test_a_series_folder_is_one_volume_as_a_datalist_entry_needs(tmp_path: Path) -> None:
+    image = nifti_with_affine(SHAPE, AXIAL)
+    write_dicom_series(tmp_path / "study" / "ct", image, series_number=3)
+    files = write_dicom_series(tmp_path / "study" / "broken", image, series_number=4)
+    files[4].unlink()
+
+    data, _ = read_back(dicom_volume(tmp_path / "study" / "ct", cache_dir=tmp_path / "cache"))
+    assert np.array_equal(data, np.asarray(image.dataobj))
+    with pytest.raises(DataError, match=r"broken: holds no DICOM series that is a volume \(.*missing slice"):
+        dicom_volume(tmp_path / "study" / "broken", cache_dir=tmp_path / "cache")
+    write_dicom_series(tmp_path / "study" / "ct", image, series_number=5, prefix="B")
+    with pytest.raises(
+        DataError, match=r"ct: holds 2 series that are volumes .*; give the folder of one series"
+    ):
+        dicom_volume(tmp_path / "study" / "ct", cache_dir=tmp_path / "cache")

@@ -21,7 +21,7 @@ from monai import transforms as mt
 from seglight.core.errors import ConfigError, SeglightError
 from seglight.exporting.bundle import SCHEMA_FILE, export_bundle, transform_config
 from seglight.prediction.predictor import predict
-from tests.helpers import run_cli, run_command, tiny_overrides, train_in_process
+from tests.helpers import run_cli, run_command, tiny_checkpoint
 
 PATCH = [
     "experiment=patch",
@@ -32,25 +32,14 @@ PATCH = [
 ]
 
 
-def trained(run_dir: Path, *overrides: str) -> Path:
-    """A one-epoch tiny run's checkpoint, as training writes it."""
-    base = [o for o in tiny_overrides(run_dir) if not (overrides and o.startswith("model.init_filters"))]
-    status = train_in_process(
-        [*base, "data.spatial_size=[16,16,8]", "trainer.max_epochs=1", *overrides], run_dir
-    )
-    assert status == 0
-    (written,) = (run_dir / "checkpoints").glob("*.ckpt")
-    return written.rename(run_dir / "checkpoints" / "last.ckpt")
-
-
 @pytest.fixture(scope="module")
 def binary_ckpt(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    return trained(tmp_path_factory.mktemp("binary"))
+    return tiny_checkpoint(tmp_path_factory.mktemp("binary"))
 
 
 @pytest.fixture(scope="module")
 def patch_ckpt(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    return trained(tmp_path_factory.mktemp("patch"), *PATCH)
+    return tiny_checkpoint(tmp_path_factory.mktemp("patch"), *PATCH)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 from seglight.core.errors import DataError
 from seglight.data.dicom import dicom_volumes, find_series
 from seglight.prediction.dicom_seg import seglight_version, write_dicom_seg
+from seglight.prediction.predictor import Predictor
 from tests.helpers import (
     AXIAL,
     CORONAL,
@@ -23,6 +24,7 @@ from tests.helpers import (
     nifti_with_affine,
     oblique,
     run_command,
+    tiny_checkpoint,
     write_dicom_series,
 )
 
@@ -122,6 +124,39 @@ def test_a_mask_on_another_grid_of_the_same_scan_maps_by_position(tmp_path: Path
     expected = np.stack([as_converted[:, :, k].T for k in range(mask.shape[2])])
     uids = [str(h.SOPInstanceUID) for h in series.headers]
     assert np.array_equal(source_frames(hd.seg.segread(written), uids), expected)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("run"))
+
+
+def test_a_series_predicts_as_its_nifti_and_its_mask_returns_as_dicom_seg(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """The whole way a DICOM series will take through seglight: converted, predicted by the NIfTI machinery
+    unchanged (the same mask as the NIfTI it was written from), and written back onto its frames."""
+    image = nifti_with_affine(SHAPE, oblique())
+    nib.save(image, tmp_path / "scan.nii.gz")
+    write_dicom_series(tmp_path / "series", image)
+    converted = dicom_volumes(tmp_path / "series", cache_dir=tmp_path / "cache")
+    ((case_id, volume),) = converted.volumes.items()
+    predictor = Predictor(checkpoint, device="cpu")
+
+    result = predictor.predict_case(str(volume))
+
+    from_nifti = predictor.predict_case(str(tmp_path / "scan.nii.gz"))
+    assert np.array_equal(result.mask, from_nifti.mask) and result.mask.any()
+    labels = predictor.models[0].task()["label_names"]
+    series = converted.series[case_id]
+    written = write_dicom_seg(
+        result.mask, result.reference.affine, series, tmp_path / f"{case_id}.dcm", labels
+    )
+    seg = hd.seg.segread(written)
+    uids = [str(h.SOPInstanceUID) for h in series.headers]
+    expected = np.stack([result.mask[:, :, k].T for k in range(result.mask.shape[2])])
+    assert np.array_equal(source_frames(seg, uids), expected)
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == [labels[1]]
 
 
 def test_an_empty_mask_still_names_every_label(tmp_path: Path) -> None:
