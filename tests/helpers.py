@@ -203,3 +203,139 @@ def make_subject_folders(
                 image = rng.normal(0, 50, size=shape).astype(np.float32) - 200
                 write_nifti(root / subject / name, image + 400.0 * label)
     return root
+
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def write_dicom_series(
+    folder: Path,
+    image: nib.Nifti1Image,
+    series_number: int = 3,
+    patient_id: str = "PAT1",
+    study_date: str = "20240102",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    sop_class: str = CT_IMAGE_STORAGE,
+    numbers: list[int] | None = None,
+    prefix: str = "IM",
+) -> list[Path]:
+    """A real CT series (one file per slice) holding a NIfTI image's values with its exact geometry.
+
+    Each slice k of the image becomes a file whose ImagePositionPatient, ImageOrientationPatient and PixelSpacing
+    are the image's affine converted to DICOM's LPS; the values are stored as ``(value - intercept) / slope`` in
+    signed 16 bits. ``numbers`` gives slice k's InstanceNumber (and file name); default: k + 1.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.valuerep import DSfloat
+
+    def ds(values) -> list:
+        return [DSfloat(float(v), auto_format=True) for v in values]
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(image.dataobj, dtype=np.float64)
+    affine = image.affine
+    lps = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    row_direction = lps @ affine[:3, 0] / spacing[0]
+    column_direction = lps @ affine[:3, 1] / spacing[1]
+    study_uid = study_uid or generate_uid(entropy_srcs=[patient_id, study_date])
+    series_uid = series_uid or generate_uid()
+    frame_of_reference = generate_uid(entropy_srcs=[study_uid, "frame"])
+    written = []
+    count = data.shape[2]
+    for k in range(count):
+        number = numbers[k] if numbers is not None else k + 1
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        d = Dataset()
+        d.file_meta = meta
+        d.SOPClassUID, d.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        d.PatientName, d.PatientID, d.PatientBirthDate, d.PatientSex = (
+            "Test^Patient",
+            patient_id,
+            "19700101",
+            "O",
+        )
+        d.StudyInstanceUID, d.StudyDate, d.StudyTime, d.StudyID = study_uid, study_date, "101010", "1"
+        d.AccessionNumber, d.ReferringPhysicianName = "A1", ""
+        d.SeriesInstanceUID, d.SeriesNumber, d.Modality = series_uid, series_number, "CT"
+        d.SeriesDescription = f"test series {series_number}"
+        d.FrameOfReferenceUID, d.PositionReferenceIndicator = frame_of_reference, ""
+        d.Manufacturer = "seglight tests"
+        d.InstanceNumber = number
+        d.ImageType = list(image_type)
+        d.ImagePositionPatient = ds(lps @ (affine @ [0, 0, k, 1])[:3])
+        d.ImageOrientationPatient = ds([*row_direction, *column_direction])
+        d.PixelSpacing = ds([spacing[1], spacing[0]])  # between rows, between columns
+        d.SliceThickness = DSfloat(float(spacing[2]), auto_format=True)
+        d.Rows, d.Columns = data.shape[1], data.shape[0]
+        d.SamplesPerPixel, d.PhotometricInterpretation = 1, "MONOCHROME2"
+        d.BitsAllocated, d.BitsStored, d.HighBit, d.PixelRepresentation = 16, 16, 15, 1
+        d.RescaleSlope, d.RescaleIntercept = ds([slope])[0], ds([intercept])[0]
+        stored = np.rint((data[:, :, k].T - intercept) / slope).astype(np.int16)
+        d.PixelData = stored.tobytes()
+        path = folder / f"{prefix}{number:04d}.dcm"
+        pydicom.dcmwrite(path, d, enforce_file_format=True)
+        written.append(path)
+    return written
+
+
+def nifti_with_affine(shape: tuple[int, int, int], affine: np.ndarray, seed: int = 0) -> nib.Nifti1Image:
+    """A NIfTI image of whole HU values (-1000..1500) with a bright cube, on ``affine``."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(-1000, 1500, size=shape).astype(np.float32)
+    data[2:8, 3:9, 2:6] = 2000.0
+    return nib.Nifti1Image(data, affine)
+
+
+# DICOM test volumes: their shape, and array axes -> RAS mm as NIfTI writes them.
+SHAPE = (20, 18, 16)
+# AXIAL is DICOM's usual axial grid (rows run left, columns back).
+AXIAL = np.array([[-0.8, 0, 0, 100.0], [0, -0.8, 0, 80.0], [0, 0, 2.5, -50.0], [0, 0, 0, 1]])
+CORONAL = np.array([[-0.7, 0, 0, 10.0], [0, 0, -2.0, 20.0], [0, -0.9, 0, 30.0], [0, 0, 0, 1]])
+TILTED = AXIAL + np.array([[0, 0, 0, 0], [0, 0, 0.4, 0], [0, 0, 0, 0], [0, 0, 0, 0]])  # a sheared grid
+
+
+def oblique() -> np.ndarray:
+    """Rotated about all three axes, with anisotropic voxels."""
+    a, b, c = np.radians([20.0, 10.0, -15.0])
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ ry @ rx @ np.diag([0.9, 1.1, 2.2])
+    affine[:3, 3] = [5.0, -7.0, 12.0]
+    return affine
+
+
+def as_dicom_orders(image: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The image as a DICOM reader must return it: slices ascending along the slice normal (row x column
+    direction, in LPS), so an image whose third axis points the other way comes back flipped along it."""
+    lps = np.diag([-1.0, -1.0, 1.0])
+    normal = np.cross(lps @ image.affine[:3, 0], lps @ image.affine[:3, 1])
+    if float(np.dot(normal, lps @ image.affine[:3, 2])) > 0:
+        return image
+    flip = np.eye(4)
+    flip[2, 2], flip[2, 3] = -1.0, image.shape[2] - 1  # voxel k of the flipped image is voxel n-1-k
+    return nib.Nifti1Image(np.asarray(image.dataobj)[:, :, ::-1], image.affine @ flip)
+
+
+def tiny_checkpoint(run_dir: Path, *overrides: str) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt`` of a one-epoch tiny run on the demo data (16x16x8), trained in-process."""
+    # A network sized by model.filters (DynUNet) has no init_filters (SegResNet's).
+    sized = any(o.startswith("model.filters=") for o in overrides)
+    base = [o for o in tiny_overrides(run_dir) if not (sized and o.startswith("model.init_filters"))]
+    status = train_in_process(
+        [*base, "data.spatial_size=[16,16,8]", "trainer.max_epochs=1", *overrides], run_dir
+    )
+    assert status == 0
+    (written,) = (run_dir / "checkpoints").glob("*.ckpt")
+    return written.rename(run_dir / "checkpoints" / "last.ckpt")

@@ -59,6 +59,11 @@ WARNING_NOISE: tuple[Noise, ...] = (
         r"lightning\.pytorch\.loops\.fit_loop",
         "seglight logs once per epoch, not every log_every_n_steps",
     ),
+    Noise(
+        r"NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register successfully",
+        r"monai\.data\.image_reader",
+        "MONAI tries a GPU DICOM decoder wherever pydicom is installed (seglight[dicom]), for every image loader",
+    ),
 )
 # Expected when a run continues in its own folder: the checkpoints there are the ones it continues from.
 RESUME_NOISE = Noise(
@@ -76,6 +81,8 @@ LOG_NOISE: tuple[tuple[str, str], ...] = (
     ("lightning", r"TPU available: False, using: 0 TPU cores$"),
     # A first run in an MLflow store creates its experiment, as it should; seglight names the store itself.
     ("lightning.pytorch.loggers.mlflow", r"Experiment with name .* not found\. Creating it\.$"),
+    # The log line of the GPU DICOM decoder MONAI tries wherever pydicom is installed (see WARNING_NOISE).
+    ("monai.data.nvimgcodec_pydicom_plugin", r"nvImageCodec is not available; skipping pydicom decoder"),
 )
 # Libraries that log their start-up at INFO: shown from WARNING on (alembic: plugin set-up and every migration of
 # a fresh MLflow sqlite store; MLflow: "Creating initial MLflow database tables").
@@ -222,9 +229,10 @@ class _LibraryNoise(logging.Filter):
     """Drops the known log records of ``LOG_NOISE``."""
 
     patterns = tuple((prefix, re.compile(message)) for prefix, message in LOG_NOISE)
+    prefixes = tuple({prefix for prefix, _ in LOG_NOISE})
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("lightning"):
+        if not record.name.startswith(self.prefixes):
             return True
         text = record.getMessage()
         return not any(record.name.startswith(p) and rx.match(text) for p, rx in self.patterns)

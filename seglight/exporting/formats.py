@@ -147,7 +147,9 @@ def check_format(format: str) -> str:  # noqa: A002 - the command-line name
     """The format, lower-cased; ConfigError naming the choices for any other."""
     fmt = str(format).strip().lower()
     if fmt not in SUFFIXES:
-        raise ConfigError(f"format={format}: unknown export format; use format=torchscript or format=onnx")
+        raise ConfigError(
+            f"format={format}: unknown export format; use format=torchscript, format=onnx or format=bundle"
+        )
     return fmt
 
 

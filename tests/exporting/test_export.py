@@ -231,7 +231,7 @@ def foreign_checkpoint(tmp_path: Path) -> Path:
         ("missing", ["ckpt=", "no such checkpoint file"]),
         ("folder", ["a folder; give a checkpoint file: one of", "last.ckpt"]),
         ("foreign", ["weights.pt", "not a seglight checkpoint"]),
-        ("format", ["format=tflite", "format=torchscript or format=onnx"]),
+        ("format", ["format=tflite", "format=torchscript, format=onnx or format=bundle"]),
         ("suffix", ["output=", "onnx file name, but format=torchscript"]),
         ("no onnx", ["format=onnx needs onnxruntime", 'pip install "seglight[export]"']),
     ],
