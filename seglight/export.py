@@ -6,8 +6,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from seglight.core.console import setup as setup_console
+from seglight.core.containers import plain
 from seglight.core.errors import ConfigError, reported_errors
-from seglight.core.utils import plain
 from seglight.exporting.bundle import BundleResult, export_bundle
 from seglight.exporting.formats import ExportResult, export_checkpoint
 

@@ -33,8 +33,9 @@ from seglight.core.io import atomic_write_text, partial_path
 from seglight.data.datalists import IMAGE
 from seglight.exporting.bundle_metadata import bundle_labels, bundle_metadata, readme
 from seglight.exporting.formats import checkpoint_file, load_trained, plain_network, trained_size
-from seglight.models.networks import class_name, split_options
-from seglight.prediction.predictor import PRED, inference_settings, preprocessing
+from seglight.models.networks import class_name
+from seglight.prediction.models import preprocessing
+from seglight.prediction.predictor import PRED, inference_settings
 
 log = logging.getLogger("seglight")
 
@@ -93,7 +94,7 @@ def export_bundle(
     path = checkpoint_file(ckpt)
     folder = bundle_folder(path, output)
     module, data = load_trained(path)
-    net_config = split_options(dict(module.hparams.net))[0]
+    net_config = dict(module.hparams.net)
     if not str(net_config.get("_target_", "")).startswith("monai."):
         raise ConfigError(
             f"format=bundle: the network {net_config.get('_target_')} is not a MONAI class, so a bundle could not "

@@ -20,7 +20,7 @@ from monai import transforms as mt
 
 from seglight.core.errors import ConfigError, SeglightError
 from seglight.exporting.bundle import SCHEMA_FILE, export_bundle, transform_config
-from seglight.prediction.predictor import predict
+from seglight.prediction.cases import predict
 from tests.helpers import run_cli, run_command, tiny_checkpoint
 
 PATCH = [
