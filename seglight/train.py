@@ -19,7 +19,7 @@ from seglight.evaluation.scoring import evaluate_after_training
 from seglight.training.callbacks.preemption import signal_handlers_kept
 from seglight.training.checkpoints import checkpoint_dir, resolve_checkpoint
 from seglight.training.distributed import join_run, leave_run, resume_requested, stop_unless_launchable
-from seglight.training.summary import describe_model, write_run_info, write_summary
+from seglight.training.run_records import describe_model, write_run_info, write_summary
 from seglight.training.trackers import finish_trackers
 
 log = logging.getLogger("seglight")

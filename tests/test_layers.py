@@ -168,7 +168,7 @@ def definitions() -> dict[str, list[str]]:
         ("loss_for_task", "seglight.models.losses"),
         ("build_optimizer", "seglight.training.optim"),
         ("schedule_config", "seglight.training.optim"),
-        ("RunSummary", "seglight.training.summary_file"),
+        ("RunSummary", "seglight.training.summary"),
         ("best_else_last", "seglight.training.checkpoints"),
         ("validation_due", "seglight.training.module"),
         ("is_placeholder", "seglight.data.sampling"),

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from seglight.core.errors import find_user_error
 from seglight.core.internals import sweep_batches
 from seglight.core.io import atomic_write_text
-from seglight.training.summary_file import SUMMARY_FILE, RunSummary, read_summary
+from seglight.training.summary import SUMMARY_FILE, RunSummary, read_summary
 
 log = logging.getLogger("seglight")
 

@@ -16,7 +16,7 @@ import torch
 
 from seglight.core.errors import DataError
 from seglight.core.io import atomic_write_text
-from seglight.data.checks import DatasetReport
+from seglight.data.check_report import DatasetReport
 from seglight.data.datalists import LABEL, Case
 
 log = logging.getLogger("seglight")

@@ -14,7 +14,8 @@ from typing import Any
 from seglight.core.errors import ConfigError, DataError, SeglightError
 from seglight.core.io import load_nifti
 from seglight.data.caching.files import hold
-from seglight.data.checks import DatasetReport, Finding, inspect_cases
+from seglight.data.check_report import DatasetReport, Finding
+from seglight.data.checks import inspect_cases
 from seglight.data.datalists import (
     IMAGE,
     LABEL,

@@ -12,11 +12,9 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import statistics
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,96 +24,13 @@ import numpy as np
 from seglight.core.errors import DataError, describe_exception
 from seglight.core.geometry import same_grid
 from seglight.core.io import load_nifti, read_array, unreadable_nifti
+from seglight.data.check_report import PERCENTILES, CaseInfo, DatasetReport, Finding, format_shape
 
 log = logging.getLogger("seglight")
 
-# Affines of an image and its label may differ by float rounding of a conversion, not by more.
-PERCENTILES = (0.5, 50.0, 99.5)
 MAX_SAMPLED_VOXELS = 2_000_000  # intensity percentiles are estimated from a strided sample
 LABEL_CHUNK = 1 << 22  # label voxels counted at a time (bounded temporaries)
 BINCOUNT_RANGE = 1 << 16  # label value spans counted with bincount; wider ones are sorted
-
-
-@dataclass
-class Finding:
-    """One problem (``error``) or oddity (``warning``) with one file."""
-
-    severity: str
-    path: str
-    message: str
-    case_index: int | None = None
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-@dataclass
-class CaseInfo:
-    """What the check learnt about one case, for the summary table."""
-
-    case_id: str
-    shape: tuple[int, ...]
-    spacing: tuple[float, ...]
-    orientation: str
-    channels: int
-    percentiles: list[list[float]] = field(default_factory=list)  # per channel: PERCENTILES
-    label_counts: dict[int, int] = field(default_factory=dict)
-
-
-@dataclass
-class DatasetReport:
-    """The outcome of checking a dataset: per-case facts and every finding."""
-
-    num_cases: int
-    full: bool
-    infos: list[CaseInfo] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
-    labels: dict[int, str] = field(default_factory=dict)
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "warning"]
-
-    def bad_cases(self) -> dict[int, list[str]]:
-        """Index of each case with an error -> its error messages."""
-        bad: dict[int, list[str]] = {}
-        for finding in self.errors:
-            if finding.case_index is not None:
-                bad.setdefault(finding.case_index, []).append(str(finding))
-        return bad
-
-    def error_message(self) -> str:
-        """All errors as one message (the single error itself when there is one)."""
-        errors = self.errors
-        if len(errors) == 1:
-            return str(errors[0])
-        cases = len({f.case_index for f in errors})
-        return f"{len(errors)} problems in {cases} of {self.num_cases} cases:\n  " + "\n  ".join(
-            map(str, errors)
-        )
-
-    def raise_for_errors(self) -> None:
-        """Raise DataError listing every error, if there is any."""
-        if self.errors:
-            raise DataError(self.error_message())
-
-    def summary(self) -> str:
-        """The table ``python -m seglight.check`` prints: shapes, spacings, orientations, intensities, labels."""
-        return format_summary(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form, saved by the check next to its log."""
-        return {
-            "num_cases": self.num_cases,
-            "full": self.full,
-            "errors": [str(f) for f in self.errors],
-            "warnings": [str(f) for f in self.warnings],
-            "cases": [asdict(info) for info in self.infos],
-        }
 
 
 def case_files(case: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
@@ -226,7 +141,10 @@ def _inspect_case(
     if len(image_paths) > 1:
         for path in image_paths:
             if len(opened[path].shape) != 3:
-                error(path, f"a channel file must hold one 3D volume, got shape {_fmt(opened[path].shape)}")
+                error(
+                    path,
+                    f"a channel file must hold one 3D volume, got shape {format_shape(opened[path].shape)}",
+                )
         n_channels = len(image_paths)
     else:
         shape = first.shape
@@ -237,7 +155,7 @@ def _inspect_case(
         else:
             error(
                 image_paths[0],
-                f"{len(shape)}D image (shape {_fmt(shape)}); seglight needs 3D volumes, or 4D with the "
+                f"{len(shape)}D image (shape {format_shape(shape)}); seglight needs 3D volumes, or 4D with the "
                 "channels last",
             )
             n_channels = 0
@@ -245,7 +163,7 @@ def _inspect_case(
         error(image_paths[0], f"has {n_channels} channel(s) but the dataset declares {channels}")
     label = opened[label_path]
     if len(label.shape) not in (3, 4) or (len(label.shape) == 4 and label.shape[3] != 1):
-        error(label_path, f"a label must be one 3D volume, got shape {_fmt(label.shape)}")
+        error(label_path, f"a label must be one 3D volume, got shape {format_shape(label.shape)}")
     if findings:
         return None, findings  # comparing the grids of volumes of the wrong dimensionality says nothing more
     # Geometry: every channel file and the label must share the first image's grid.
@@ -255,8 +173,8 @@ def _inspect_case(
         if tuple(other.shape[:3]) != tuple(first.shape[:3]):
             error(
                 path,
-                f"shape {_fmt(other.shape[:3])} does not match the image "
-                f"{names.get(reference, reference)} ({_fmt(first.shape[:3])})",
+                f"shape {format_shape(other.shape[:3])} does not match the image "
+                f"{names.get(reference, reference)} ({format_shape(first.shape[:3])})",
             )
         elif not same_grid(other.affine, first.affine):
             diff = float(np.abs(other.affine - first.affine).max())
@@ -450,65 +368,7 @@ def _orientation_outliers(
 # -- the summary table ----------------------------------------------------------------------------------------
 
 
-def format_summary(report: DatasetReport) -> str:
-    """Rows of min / median / max over the cases, then orientations, channels and problems."""
-    infos = report.infos
-    lines = [
-        f"Dataset check ({'every voxel' if report.full else 'headers only'}): {report.num_cases} cases, "
-        f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)"
-    ]
-    if not infos:
-        return "\n".join(lines)
-    rows: list[tuple[str, str, str, str]] = [("", "min", "median", "max")]
-
-    def axis_row(name: str, values: list[tuple[float, ...]], fmt: str) -> None:
-        columns = list(zip(*values, strict=True))
-        stats = [[f(col) for col in columns] for f in (min, statistics.median, max)]
-        rows.append((name, *("×".join(format(v, fmt) for v in s) for s in stats)))
-
-    axis_row("shape (voxels)", [i.shape for i in infos], "g")
-    axis_row("spacing (mm)", [i.spacing for i in infos], ".3g")
-    num_channels = max(i.channels for i in infos)
-    for c in range(num_channels):
-        values = [i.percentiles[c] for i in infos if len(i.percentiles) > c]
-        for k, p in enumerate(PERCENTILES):
-            column = [v[k] for v in values]
-            if column:
-                rows.append(
-                    (
-                        f"intensity ch{c} p{p:g}",
-                        *(format(f(column), ".4g") for f in (min, statistics.median, max)),
-                    )
-                )
-    label_values = sorted({v for i in infos for v in i.label_counts})
-    for value in label_values:
-        counts = [i.label_counts.get(value, 0) for i in infos if i.label_counts]
-        name = report.labels.get(value)
-        rows.append(
-            (
-                f"label {value}{f' ({name})' if name else ''} voxels",
-                *(format(f(counts), ",.0f") for f in (min, statistics.median, max)),
-            )
-        )
-    widths = [max(len(row[k]) for row in rows) for k in range(4)]
-    lines += [
-        ("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))).rstrip()
-        for row in rows
-    ]
-    orientations = Counter(i.orientation for i in infos)
-    lines.append("  orientation: " + ", ".join(f"{o} ({n} cases)" for o, n in orientations.most_common()))
-    channel_counts = Counter(i.channels for i in infos)
-    lines.append("  channels: " + ", ".join(f"{c} ({n} cases)" for c, n in channel_counts.most_common()))
-    if report.labels:
-        lines.append("  declared labels: " + ", ".join(f"{v} {n}" for v, n in sorted(report.labels.items())))
-    return "\n".join(lines)
-
-
 def _as_list(value: Any) -> list[str]:
     if isinstance(value, Sequence) and not isinstance(value, str):
         return [str(v) for v in value]
     return [str(value)]
-
-
-def _fmt(shape: Sequence[int]) -> str:
-    return "×".join(str(int(s)) for s in shape)

@@ -14,7 +14,8 @@ from seglight.core.errors import ConfigError, DataError
 from seglight.data.bad_cases import BadCasePolicy
 from seglight.data.caching.build import build_dataset, limit_caches, on_gpu, pipeline
 from seglight.data.catalog import Catalog, NetworkInput
-from seglight.data.checks import DatasetReport, check_case_data
+from seglight.data.check_report import DatasetReport
+from seglight.data.checks import check_case_data
 from seglight.data.datalists import Case
 from seglight.data.demo import ensure_demo_dataset
 from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN

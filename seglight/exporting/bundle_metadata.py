@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from seglight.core.versions import package_versions
 from seglight.data.datalists import IMAGE
 from seglight.exporting.formats import input_channels
 from seglight.models.networks import class_name
 from seglight.prediction.predictor import PRED
-from seglight.training.summary import package_versions
 
 SCHEMA_URL = (
     "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"

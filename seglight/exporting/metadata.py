@@ -18,9 +18,10 @@ from typing import Any
 
 from monai import transforms as mt
 
+from seglight.core.versions import package_versions
 from seglight.data.transforms import describe_steps, pipeline_settings
+from seglight.training.checkpoints import checkpoint_epoch
 from seglight.training.module import DEFAULT_INFERENCE
-from seglight.training.summary import checkpoint_epoch, package_versions
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 METADATA_NAME = "seglight.json"  # the JSON's name inside the model file

@@ -31,8 +31,6 @@ LAB_OPTIONS = {
     "val_interval": "trainer.check_val_every_n_epoch",
     "amp": "trainer.precision",
 }
-# Keys of a model config that are seglight switches rather than arguments of the network class.
-SEGLIGHT_MODEL_SWITCHES = ("compile", "channels_last", "checkpointing")
 _NAME = re.compile(r"--(?P<long>[^\s=]+)|-(?P<short>[A-Za-z_])")
 _TOOLKIT_DICT = re.compile(r"[^=,\s]+=[^=,]*(,[^=,\s]+=[^=,]*)*")
 _PARSER = OverridesParser.create()

@@ -33,7 +33,6 @@ from seglight.sagemaker.channels import (
 )
 from seglight.sagemaker.environment import SageMakerEnvironment, cluster_of, write_failure
 from seglight.sagemaker.hyperparameters import (
-    SEGLIGHT_MODEL_SWITCHES,
     Hyperparameters,
     check_names,
     choose_model,
@@ -296,7 +295,7 @@ def _generic_model(
 ) -> tuple[dict[str, Any], list[str]]:
     """(options to add, options to drop) turning the default model config into one for ``target``."""
     arguments, required = network_arguments(_monai_class(target))
-    keep = set(arguments) | set(SEGLIGHT_MODEL_SWITCHES) | {"_target_"}
+    keep = set(arguments) | {"_target_"}
     deletions = [f"~model.{key}" for key in model if key not in keep]
     given = {name.split(".", 1)[1] for name in options if name.startswith("model.")}
     added: dict[str, Any] = {}

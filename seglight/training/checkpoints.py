@@ -27,9 +27,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from seglight.core.errors import ConfigError, first_line
+from seglight.core.errors import ConfigError, SeglightError, first_line
 from seglight.core.io import atomic_path, remove_partial_files
-from seglight.training.summary_file import read_summary
+from seglight.training.summary import read_summary
 
 log = logging.getLogger("seglight")
 
@@ -432,3 +432,13 @@ def save_last_checkpoint(trainer: L.Trainer) -> Path:
         ckpt.last_model_path = str(path)
     trainer.save_checkpoint(path, weights_only=False)  # everything needed to continue, not just weights
     return path
+
+
+def checkpoint_epoch(path: str | Path | None) -> int | None:
+    """The epoch a checkpoint was saved at, read from the file (cheaply: memory-mapped), or None."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return int(safe_load(path, mmap=True)["epoch"])
+    except (SeglightError, KeyError, TypeError, ValueError):
+        return None

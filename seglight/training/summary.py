@@ -1,166 +1,98 @@
-"""What a run tells the user: model size at the start, where it came from (``run_info.json``), and its summary at
-the end (``summary.json``, whose schema is ``seglight.training.summary_file.RunSummary``)."""
+"""``summary.json``, the record a run leaves in its folder: one schema, read and written here only.
+
+Training writes it when a run ends (``seglight.training.run_records.write_summary``), a sweep when one of its runs
+failed or was stopped before training (``seglight.config.sweeps``); a sweep's ``summary.csv`` and prediction's
+choice of a run's best checkpoint read it back. Light on imports: Hydra's plugin scan imports the sweeps.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
-import platform
-import socket
-import subprocess
-import sys
-from datetime import datetime
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
-from omegaconf import DictConfig
-
-from seglight.core.errors import SeglightError
 from seglight.core.io import atomic_write_text
-from seglight.training.checkpoints import safe_load
-from seglight.training.module import SegModule
-from seglight.training.summary_file import RunSummary
 
-log = logging.getLogger("seglight")
-
-# Packages whose versions decide what a run computes; recorded in run_info.json.
-RECORDED_PACKAGES = ("seglight", "torch", "lightning", "monai", "hydra-core", "omegaconf", "numpy", "nibabel")
-
-
-def describe_model(module: SegModule) -> str:
-    """One line: network class and trainable parameter count."""
-    return f"Model: {type(module.net).__name__}, {module.num_parameters / 1e6:.2f} M trainable parameters"
-
-
-def write_summary(
-    trainer: L.Trainer,
-    output_dir: str | Path,
-    status: str = "completed",
-    wall_time_s: float | None = None,
-) -> dict[str, Any]:
-    """Print and save (``summary.json``) the best Dice, its epoch and checkpoint, the time validation took, and
-    how to open TensorBoard."""
-    output_dir = Path(output_dir)
-    ckpt = trainer.checkpoint_callback
-    module = trainer.lightning_module
-    validation_s = getattr(module, "validation_time_s", None)
-    best_score = getattr(ckpt, "best_model_score", None)
-    best_checkpoint = getattr(ckpt, "best_model_path", "") or None
-    record = RunSummary(
-        status=status,
-        best_dice=float(best_score) if best_score is not None else None,
-        best_epoch=checkpoint_epoch(best_checkpoint),
-        best_checkpoint=best_checkpoint,
-        last_checkpoint=getattr(ckpt, "last_model_path", "") or None,
-        epochs=trainer.current_epoch,
-        global_step=trainer.global_step,
-        interrupted=trainer.interrupted,
-        wall_time_s=round(wall_time_s, 1) if wall_time_s is not None else None,
-        # This session's validations (the sanity check excluded): their count and total wall time.
-        validations=getattr(module, "validations", None),
-        validation_time_s=round(validation_s, 1) if validation_s is not None else None,
-        output_dir=str(output_dir),
-    )
-    summary = record.as_dict()
-    if trainer.is_global_zero:
-        record.write(output_dir)
-        dice = (
-            f"{summary['best_dice']:.4f} (epoch {summary['best_epoch']})"
-            if summary["best_dice"] is not None
-            else "n/a (no validation ran)"
-        )
-        log.info(
-            "%s. Best Dice/val %s | %s | best checkpoint: %s | last: %s | see the curves: tensorboard --logdir %s",
-            "Done" if status == "completed" else status.capitalize(),
-            dice,
-            validation_share(validation_s, wall_time_s),
-            summary["best_checkpoint"],
-            summary["last_checkpoint"],
-            output_dir,
-        )
-    return summary
+SUMMARY_FILE = "summary.json"
+# What only a run that trained records.
+TRAINER_FIELDS = (
+    "best_checkpoint",
+    "last_checkpoint",
+    "epochs",
+    "global_step",
+    "interrupted",
+    "validations",
+    "validation_time_s",
+)
 
 
-def validation_share(validation_s: float | None, wall_time_s: float | None) -> str:
-    """``validation 12.3 s of 95.0 s (13%)``: how much of the run validation took."""
-    if validation_s is None:
-        return "validation time unknown"
-    if not wall_time_s:
-        return f"validation {validation_s:.1f} s"
-    return f"validation {validation_s:.1f} s of {wall_time_s:.1f} s ({100 * validation_s / wall_time_s:.0f}%)"
+@dataclass(frozen=True)
+class RunSummary:
+    """What ``summary.json`` says about one run.
 
+    A run that training saw to its end (``completed``) or stopped (``interrupted``) records where the trainer
+    got to; a run that failed, or was stopped before training, records its ``error`` instead.
 
-def checkpoint_epoch(path: str | Path | None) -> int | None:
-    """The epoch a checkpoint was saved at, read from the file (cheaply: memory-mapped), or None."""
-    if not path or not Path(path).is_file():
-        return None
-    try:
-        return int(safe_load(path, mmap=True)["epoch"])
-    except (SeglightError, KeyError, TypeError, ValueError):
-        return None
-
-
-def write_run_info(
-    cfg: DictConfig, output_dir: str | Path, resumed_from: str | None = None
-) -> dict[str, Any]:
-    """Append this session (seed, versions, git commit, command, checkpoint resumed from) to ``run_info.json``.
-
-    The composed config itself is in ``.hydra/config.yaml``; a resumed run adds a session instead of
-    overwriting the first one.
+    Args:
+        status: ``completed``, ``interrupted`` or ``failed``.
+        error: why the run failed (one line); None for a run that trained.
+        best_dice: the best ``Dice/val``; None when no validation ran.
+        best_epoch: the epoch of the best checkpoint (counted from 0, as Lightning does).
+        best_checkpoint: the best checkpoint's path.
+        last_checkpoint: the newest ``last.ckpt``'s path.
+        epochs: the trainer's epoch count when the run ended.
+        global_step: optimiser steps taken.
+        interrupted: whether Lightning reports the fit as interrupted.
+        wall_time_s: the session's wall time, seconds.
+        validations: this session's validations (the sanity check excluded).
+        validation_time_s: their total wall time, seconds.
+        output_dir: the run folder.
     """
-    path = Path(output_dir) / "run_info.json"
-    session = {
-        "started": datetime.now().isoformat(timespec="seconds"),
-        "seed": cfg.get("seed"),
-        "resumed_from": resumed_from,
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "host": socket.gethostname(),
-        "python": platform.python_version(),
-        "cuda": torch.version.cuda,
-        "packages": package_versions(),
-        "git": git_state(Path(__file__).resolve().parents[1]),
-    }
-    record: dict[str, Any] = {"sessions": []}
-    if path.is_file():
-        try:
-            record = json.loads(path.read_text())
-            record.setdefault("sessions", [])
-        except (OSError, ValueError):
-            record = {"sessions": []}
-    record["sessions"].append(session)
-    atomic_write_text(path, json.dumps(record, indent=2))
-    return session
+
+    status: str
+    error: str | None = None
+    best_dice: float | None = None
+    best_epoch: int | None = None
+    best_checkpoint: str | None = None
+    last_checkpoint: str | None = None
+    epochs: int | None = None
+    global_step: int | None = None
+    interrupted: bool | None = None
+    wall_time_s: float | None = None
+    validations: int | None = None
+    validation_time_s: float | None = None
+    output_dir: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The keys of ``summary.json``: a run that failed has an ``error`` and no trainer figures; one that
+        trained has no ``error`` key."""
+        values = dataclasses.asdict(self)
+        left_out = TRAINER_FIELDS if self.error is not None else ("error",)
+        return {key: value for key, value in values.items() if key not in left_out}
+
+    def write(self, folder: str | Path) -> dict[str, Any]:
+        """Save as ``<folder>/summary.json`` (atomically); returns what was written."""
+        record = self.as_dict()
+        atomic_write_text(Path(folder) / SUMMARY_FILE, json.dumps(record, indent=2))
+        return record
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> RunSummary:
+        """A summary from ``summary.json``'s keys (unknown keys ignored; a record without a status is a failure)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in record.items() if key in names}
+        values.setdefault("status", "failed")
+        return cls(**values)
 
 
-def package_versions(names: tuple[str, ...] = RECORDED_PACKAGES) -> dict[str, str | None]:
-    """Installed versions of ``names`` (None for a package that is not installed)."""
-    versions: dict[str, str | None] = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def git_state(source_dir: Path) -> dict[str, Any] | None:
-    """Commit and dirty flag of the git checkout seglight runs from; None when it is not one (a wheel install)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(source_dir), *args], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
+def read_summary(folder: str | Path) -> RunSummary | None:
+    """The run's ``summary.json``, or None when the folder has none (or only an unreadable or empty one)."""
     try:
-        top = Path(git("rev-parse", "--show-toplevel")).resolve()
-        if top != source_dir.resolve():
-            return None  # seglight is installed inside some other repository, whose commit says nothing
-        return {
-            "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        }
-    except (OSError, subprocess.SubprocessError):
+        record = json.loads((Path(folder) / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
         return None
+    if not isinstance(record, dict) or not record:
+        return None
+    return RunSummary.from_dict(record)

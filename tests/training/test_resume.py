@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+import seglight
 from seglight.train import train
 from seglight.training.checkpoints import find_last_checkpoint
 from tests.helpers import run_cli, tensorboard_scalars, tiny_config, tiny_overrides
@@ -95,6 +96,8 @@ def test_best_metric_tracking_survives_the_resume(both_runs: tuple[Path, Path]) 
     assert sessions[1]["resumed_from"].endswith("last.ckpt") and sessions[0]["seed"] == 42
     assert sessions[0]["packages"]["torch"] and sessions[0]["packages"]["lightning"]
     git = sessions[0]["git"]  # None where seglight is not run from a git checkout (a wheel install)
+    from_checkout = (Path(seglight.__file__).resolve().parents[1] / ".git").exists()
+    assert (git is not None) == from_checkout
     assert git is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from seglight.config.sweeps import collect_rows, write_failure_summary
 from seglight.training.checkpoints import best_checkpoint, best_else_last
-from seglight.training.summary_file import RunSummary, read_summary
+from seglight.training.summary import RunSummary, read_summary
 
 TRAINED_KEYS = [
     "status",
