@@ -1,5 +1,6 @@
-"""The package's shape: imports run one way (no cycle; the LightningModule does not depend on prediction), and each
-concern that used to be duplicated lives in one place."""
+"""The package's shape: commands on top and one sub-package per concern, imports that run one way (no cycle; the
+LightningModule does not depend on prediction), modules and classes small enough to read, no private name used
+across packages, and each concern that used to be duplicated in one place."""
 
 from __future__ import annotations
 
@@ -13,18 +14,24 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "seglight"
-# What the LightningModule must work without: a module that imports any of these depends on prediction.
-PREDICTION_SIDE = (
-    "seglight.prediction.predictor",
-    "seglight.prediction.models",
-    "seglight.prediction.cases",
-    "seglight.predict",
-    "seglight.evaluate",
-    "seglight.evaluation.scoring",
-    "seglight.viz",
-    "seglight.visualization.figures",
-    "seglight.config.builder",
+# The layers, top first: a package imports only packages after it (commands: the modules at the top of seglight).
+LAYERS = (
+    "sagemaker",  # SageMaker's entry point runs the train command
+    "commands",
+    "config",
+    "evaluation",
+    "exporting",
+    "planning",
+    "prediction",
+    "training",
+    "visualization",
+    "data",
+    "models",
+    "core",
 )
+COMMANDS = ("train", "predict", "evaluate", "check", "viz", "export", "cache", "plan")
+# No library module longer than this, no class longer than CLASS_LINES; a command stays a thin Hydra app.
+MODULE_LINES, CLASS_LINES, COMMAND_LINES = 500, 320, 120
 
 
 def module_name(path: Path) -> str:
@@ -33,6 +40,21 @@ def module_name(path: Path) -> str:
 
 
 SOURCES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+# What the LightningModule must work without: a module that imports any of these depends on prediction.
+PREDICTION_SIDE = tuple(
+    name
+    for name in SOURCES
+    if name.split(".")[1:2] in (["prediction"], ["evaluation"], ["visualization"], ["config"])
+    or name in ("seglight.predict", "seglight.evaluate", "seglight.viz")
+)
+
+
+def package_of(name: str) -> str:
+    """The layer a module belongs to: its sub-package, or ``commands`` for the modules at the top."""
+    parts = name.split(".")
+    if len(parts) == 1:
+        return "commands"  # seglight/__init__.py: the lazy public names
+    return "commands" if len(parts) == 2 and parts[1] in COMMANDS else parts[1]
 
 
 def imported_modules(name: str) -> set[str]:
@@ -107,6 +129,60 @@ def test_imports_run_one_way() -> None:
             reachable.add(other)
             pending.append(other)
     assert not reachable & set(PREDICTION_SIDE), sorted(reachable & set(PREDICTION_SIDE))
+
+
+def test_commands_are_on_top_and_every_library_module_is_in_a_sub_package() -> None:
+    top = {
+        name.split(".")[1]
+        for name in SOURCES
+        if name.count(".") == 1 and not (PACKAGE / name.split(".")[1]).is_dir()
+    }
+    assert top == set(COMMANDS) & top and top >= {
+        "train",
+        "predict",
+        "evaluate",
+        "check",
+        "viz",
+        "export",
+        "cache",
+    }
+    assert {package_of(name) for name in SOURCES} <= set(LAYERS), sorted(
+        {package_of(n) for n in SOURCES} - set(LAYERS)
+    )
+
+
+def test_packages_import_only_the_layers_below_them() -> None:
+    wrong = [
+        f"{name} -> {other}"
+        for name, others in GRAPH.items()
+        for other in others
+        if LAYERS.index(package_of(other)) < LAYERS.index(package_of(name))
+    ]
+    assert not wrong, wrong
+
+
+def test_no_private_name_is_imported_from_another_package() -> None:
+    wrong = []
+    for name, path in SOURCES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("seglight"):
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                if private and package_of(node.module) != package_of(name):
+                    wrong.append(f"{name}: from {node.module} import {', '.join(private)}")
+    assert not wrong, wrong
+
+
+def test_modules_and_classes_are_small_enough_to_read() -> None:
+    long_modules, long_classes = {}, {}
+    for name, path in SOURCES.items():
+        text = path.read_text()
+        limit = COMMAND_LINES if package_of(name) == "commands" else MODULE_LINES
+        if len(text.splitlines()) > limit:
+            long_modules[name] = len(text.splitlines())
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > CLASS_LINES:
+                long_classes[f"{name}.{node.name}"] = node.end_lineno - node.lineno + 1
+    assert not long_modules and not long_classes, (long_modules, long_classes)
 
 
 def test_every_module_imports_in_dependency_order_in_a_fresh_interpreter() -> None:
