@@ -19,15 +19,9 @@ from seglight.core import console
 from seglight.core.errors import reported_errors
 from seglight.planning.files import write_plan_files
 from seglight.planning.fingerprint import fingerprint_dataset
-from seglight.planning.planner import (
-    ConfiguredFactory,
-    DataSettings,
-    Plan,
-    PlanSettings,
-    make_plan,
-    plan_target,
-)
+from seglight.planning.planner import ConfiguredFactory, Plan, make_plan
 from seglight.planning.report import format_fingerprint, format_plan
+from seglight.planning.settings import DataSettings, PlanSettings, plan_target
 
 log = logging.getLogger("seglight")
 

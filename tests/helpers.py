@@ -259,7 +259,8 @@ def plan_for(root: Path, run_dir: Path, *overrides: str):
     from seglight import compose
     from seglight.plan import module_factory
     from seglight.planning.fingerprint import fingerprint_dataset
-    from seglight.planning.planner import DataSettings, PlanSettings, make_plan, plan_target
+    from seglight.planning.planner import make_plan
+    from seglight.planning.settings import DataSettings, PlanSettings, plan_target
 
     base = ["data=msd", f"data.root={root}", "data.num_workers=1", "trainer=cpu", "plan.measure_steps=1"]
     if not any(o.startswith("model=") for o in overrides):

@@ -2,7 +2,8 @@
 
 ``make_plan`` is what ``python -m seglight.plan`` runs after reading the data (and what ``plan=auto`` in
 training will run): everything it needs from the config comes in as ``PlanSettings`` (``plan.*``),
-``DataSettings`` (``data.*``), the model config, and a ``ModuleFactory`` that builds the configured module.
+``DataSettings`` (``data.*``), the model config, a ``Target`` (``plan_target``) and a ``ConfiguredFactory`` that
+builds the configured module (``seglight.plan.module_factory``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from seglight.core.errors import ConfigError
 from seglight.core.utils import plain
@@ -23,133 +22,14 @@ from seglight.data.splits import holdout_split
 from seglight.models.networks import class_name, output_channels
 from seglight.planning import preprocessing, rules, schedule
 from seglight.planning.fingerprint import Fingerprint
-from seglight.planning.memory import (
-    CPU_MEMORY_SHARE,
-    DEFAULT_MARGIN,
-    GIB,
-    MEASURE_STEPS,
-    Budget,
-    Estimator,
-    Meter,
-    free_ram_bytes,
-    gib,
-)
+from seglight.planning.memory import Budget, Estimator, Meter, gib
 from seglight.planning.risks import plan_risks
-from seglight.planning.steps import Precision
+from seglight.planning.settings import DataSettings, PlanSettings, Target
 from seglight.planning.timing import measure_timing
 
 # (mode, input size, target spacing, model settings to change) -> the module training would build for them, on
 # the CPU; seglight.plan's module_factory builds it through seglight.config.builder.build_module.
 ConfiguredFactory = Callable[[str, Sequence[int], Sequence[float], Mapping[str, Any]], Any]
-PLAN_OPTIONS = ("gpu_memory_gb", "time_budget", "target_spacing", "modality", "margin", "measure_steps")
-# A saved plan's record of what it was made from (plan.made), beside the options; not an option itself.
-MADE = "made"
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    """The planner's options (``plan.*`` in conf/plan/default.yaml)."""
-
-    gpu_memory_gb: float | None = None  # GiB to plan for; None: this GPU's free memory (or the CPU's RAM)
-    time_budget: str | None = None  # e.g. 8m, 2h: epochs to fill it; None: trainer.max_epochs as configured
-    target_spacing: list[float] | None = None  # mm (x, y, z): the deployment spacing, kept
-    modality: list[str] | None = None  # per channel, kept (else dataset.json's, else guessed)
-    margin: float = DEFAULT_MARGIN  # share of the memory kept free
-    measure_steps: int = MEASURE_STEPS  # real training steps per measurement (memory on a GPU; time)
-
-    @classmethod
-    def from_config(cls, options: Mapping[str, Any] | None) -> PlanSettings:
-        """Checked settings from the ``plan`` config node; a wrong value is a ConfigError naming it."""
-        given = plain(options) or {}
-        unknown = sorted(set(given) - set(PLAN_OPTIONS) - {MADE})
-        if unknown:
-            raise ConfigError(f"plan.{unknown[0]}: not a plan option (they are {', '.join(PLAN_OPTIONS)})")
-        memory = given.get("gpu_memory_gb")
-        if memory is not None and float(memory) <= 0:
-            raise ConfigError(f"plan.gpu_memory_gb must be a positive number of GiB, got {memory}")
-        margin = float(given.get("margin", DEFAULT_MARGIN))
-        if not 0.0 <= margin < 0.9:
-            raise ConfigError(
-                f"plan.margin must be at least 0 and below 0.9 (a share of the memory), got {margin}"
-            )
-        if given.get("time_budget") is not None:
-            schedule.parse_duration(given["time_budget"])  # checked now, before any data is read
-        modality = given.get("modality")
-        if isinstance(modality, str):
-            modality = [modality]
-        spacing = given.get("target_spacing")
-        return cls(
-            gpu_memory_gb=None if memory is None else float(memory),
-            time_budget=None if given.get("time_budget") is None else str(given["time_budget"]),
-            target_spacing=None if spacing is None else [float(s) for s in spacing],
-            modality=None if modality is None else [str(m) for m in modality],
-            margin=margin,
-            measure_steps=max(1, int(given.get("measure_steps", MEASURE_STEPS))),
-        )
-
-
-@dataclass(frozen=True)
-class DataSettings:
-    """What the plan takes from the data config (``data.*``)."""
-
-    num_samples: int = 4  # data.patch.num_samples: patches per case per step
-    pos_neg_ratio: tuple[float, ...] = (1.0, 1.0)
-    val_fraction: float = 0.2
-    num_folds: int | None = None  # set when data.fold is: one fold validates
-    cache: str = "auto"
-    gpu_cache_share: float = 0.25
-
-    @classmethod
-    def from_config(cls, data: Mapping[str, Any]) -> DataSettings:
-        """From the ``data`` config node."""
-        data = plain(data) or {}
-        patch = data.get("patch") or {}
-        return cls(
-            num_samples=int(patch.get("num_samples", 4)),
-            pos_neg_ratio=tuple(float(v) for v in patch.get("pos_neg_ratio") or (1.0, 1.0)),
-            val_fraction=float(data.get("val_fraction", 0.2)),
-            num_folds=int(data.get("num_folds", 5)) if data.get("fold") is not None else None,
-            cache=str(data.get("cache", "auto")),
-            gpu_cache_share=float(data.get("gpu_cache_share", 0.25)),
-        )
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where the plan is for: the memory budget and how it is tested, the precision, where steps are timed."""
-
-    budget: Budget
-    gpu: bool  # the plan is for a GPU (this one, or one of plan.gpu_memory_gb)
-    measured: bool  # True: memory measured on this CUDA GPU; False: estimated
-    precision: Precision  # the training precision on the planned device
-    timing_device: torch.device
-    timing_precision: Precision
-    cache_file: Path  # where GPU measurements are kept
-
-
-def plan_target(settings: PlanSettings, trains_on_cuda: bool, precision: str, cache_dir: Path) -> Target:
-    """CUDA here and the trainer on it: measure, against ``plan.gpu_memory_gb`` or the free memory. Otherwise
-    estimate: for ``plan.gpu_memory_gb`` of a GPU (at the trainer's precision), else for training on this CPU
-    (``CPU_MEMORY_SHARE`` of the free RAM, 32-bit). Steps are timed where training would run here."""
-    cache_file = Path(cache_dir).expanduser() / "planning" / "gpu_memory.json"
-    configured = Precision.of(precision)
-    cpu, full = torch.device("cpu"), Precision.of("32")
-    given = settings.gpu_memory_gb
-    if trains_on_cuda and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        free, _ = torch.cuda.mem_get_info(device)
-        name = torch.cuda.get_device_name(device)
-        total = given * GIB if given is not None else float(free)
-        source = f"plan.gpu_memory_gb={given:g}" if given is not None else f"free memory of {name}"
-        return Target(
-            Budget(total, source, settings.margin), True, True, configured, device, configured, cache_file
-        )
-    if given is not None:
-        budget = Budget(given * GIB, f"plan.gpu_memory_gb={given:g}, no CUDA here", settings.margin)
-        return Target(budget, True, False, configured, cpu, full, cache_file)
-    ram = free_ram_bytes() * CPU_MEMORY_SHARE
-    budget = Budget(ram, f"training on the CPU: {CPU_MEMORY_SHARE:.0%} of the free RAM", settings.margin)
-    return Target(budget, False, False, full, cpu, full, cache_file)
 
 
 @dataclass
@@ -244,6 +124,26 @@ class MemorySearch:
         return self._meters[mode]
 
 
+@dataclass
+class Stage:
+    """The decisions that depend on the target spacing, made at one spacing."""
+
+    spacing: list[float]
+    median: np.ndarray
+    budget: Budget
+    search: MemorySearch
+    fit: rules.Fit
+    decisions: list[rules.Decision]  # mode, size, batch, network, (patch sampling)
+    timing: Any
+    epochs: rules.Decision
+
+    @property
+    def max_epochs(self) -> int:
+        """The epochs this stage's schedule gives."""
+        value = self.epochs.value
+        return int(value["max_epochs"] if isinstance(value, dict) else value)
+
+
 def make_plan(
     fingerprint: Fingerprint,
     settings: PlanSettings,
@@ -256,16 +156,78 @@ def make_plan(
     """Apply the rules to a fingerprint, fitting size and batch to ``target``'s memory and epochs to the time.
 
     Every candidate is built by ``factory`` as training would build it (with the model settings the plan would
-    write for it, e.g. DynUNet's filters per stage), for the memory tests and the timing alike.
+    write for it, e.g. DynUNet's filters per stage), for the memory tests and the timing alike. When
+    ``plan.time_budget`` allows too few epochs at the data's spacing, the plan is made again at a coarser one.
     """
     started = time.perf_counter()
     model = plain(dict(model))
+    modalities, modality = rules.decide_modalities(fingerprint, settings.modality)
+    spacing, spacing_decision = rules.decide_spacing(fingerprint, settings.target_spacing)
+    stage = _plan_at(spacing, fingerprint, settings, data, model, factory, target, configured_epochs)
+    factor = schedule.coarsening(stage.max_epochs) if settings.time_budget else 1.0
+    if factor > 1.0 and settings.target_spacing is None:
+        first = stage
+        coarse = [round(s * factor, 3) for s in spacing]
+        stage = _plan_at(coarse, fingerprint, settings, data, model, factory, target, configured_epochs)
+        spacing_decision = schedule.decide_coarsening(
+            spacing_decision, coarse, factor, first.max_epochs, stage.max_epochs
+        )
+    mode = stage.decisions[0].value
+    decisions = [modality, spacing_decision, *stage.decisions]
+    decisions += [preprocessing.decide_normalization(fingerprint, modalities), stage.epochs]
+    risks = plan_risks(
+        fingerprint,
+        spacing=stage.spacing,
+        mode=mode,
+        size=stage.fit.size,
+        batch=stage.fit.batch,
+        median_shape=stage.median,
+        modalities=modalities,
+        network=class_name(model),
+        classes=max(2, output_channels(fingerprint.label_names)) if fingerprint.label_names else 2,
+        usable_bytes=stage.budget.usable_bytes,
+        fits=stage.fit.fits,
+        epochs=stage.max_epochs if settings.time_budget else None,
+    )
+    if factor > 1.0 and settings.target_spacing is not None:
+        risks.append(
+            f"plan.time_budget allows {stage.max_epochs} epoch(s) at the kept plan.target_spacing; without it the "
+            f"plan would coarsen the spacing {factor:.3g}x for more epochs"
+        )
+    if target.gpu and not target.measured:
+        risks.append(
+            "memory is planned for a GPU this machine does not have, but steps were timed on the CPU: plan again "
+            "on the GPU for the time budget (and for measured memory)"
+        )
+    memory = {
+        "method": "measured" if target.measured else "estimated",
+        "budget": stage.budget.describe(),
+        "usable_bytes": stage.budget.usable_bytes,
+        "precision": target.precision.name,
+        "chosen": asdict(stage.search.use(mode, stage.fit.size, stage.fit.batch)),
+        "tests": stage.search.record(),
+    }
+    return Plan(
+        decisions, risks, memory, asdict(stage.timing), asdict(settings), time.perf_counter() - started
+    )
+
+
+def _plan_at(
+    spacing: Sequence[float],
+    fingerprint: Fingerprint,
+    settings: PlanSettings,
+    data: DataSettings,
+    model: dict[str, Any],
+    factory: ConfiguredFactory,
+    target: Target,
+    configured_epochs: int,
+) -> Stage:
+    """Mode, size, batch, network and sampling at ``spacing``, then the timing and the epochs."""
 
     def candidate(mode: str, size: Sequence[int], spacing: Sequence[float]) -> Any:
         return factory(mode, size, spacing, rules.network_overrides(model, size, spacing))
 
-    modalities, modality = rules.decide_modalities(fingerprint, settings.modality)
-    spacing, spacing_decision = rules.decide_spacing(fingerprint, settings.target_spacing)
+    spacing = [float(s) for s in spacing]
     shapes = rules.shapes_at(fingerprint, spacing)
     largest = [int(v) for v in shapes[int(np.argmax(shapes.prod(axis=1)))]]
     budget = _with_gpu_cache(target, data, fingerprint, shapes)
@@ -276,9 +238,8 @@ def make_plan(
     mode, median = mode_decision.value, np.median(shapes, axis=0)
     option = "data.patch.size" if mode == "patch" else "data.spatial_size"
     network_spacing = _network_spacing(mode, spacing, median, fit.size)
-    decisions = [modality, spacing_decision, mode_decision, size_decision, batch_decision]
+    decisions = [mode_decision, size_decision, batch_decision]
     decisions.append(rules.decide_network(model, fit.size, network_spacing, option))
-    decisions.append(preprocessing.decide_normalization(fingerprint, modalities))
     if mode == "patch":
         decisions.append(preprocessing.decide_sampling(fingerprint, data.pos_neg_ratio))
     volume = [int(round(v)) for v in median] if mode == "patch" else fit.size
@@ -286,38 +247,9 @@ def make_plan(
         candidate, mode, fit.size, fit.batch, volume, spacing, target.timing_device, target.timing_precision,
         target.cache_file.parent, steps=settings.measure_steps,
     )  # fmt: skip
-    epochs = _schedule(
-        fingerprint, settings, data, timing, batch_decision.overrides["data.batch_size"], configured_epochs
-    )
-    decisions.append(epochs)
-    risks = plan_risks(
-        fingerprint,
-        spacing=spacing,
-        mode=mode,
-        size=fit.size,
-        batch=fit.batch,
-        median_shape=median,
-        modalities=modalities,
-        network=class_name(model),
-        classes=max(2, output_channels(fingerprint.label_names)) if fingerprint.label_names else 2,
-        usable_bytes=budget.usable_bytes,
-        fits=fit.fits,
-        epochs=epochs.value["max_epochs"] if isinstance(epochs.value, dict) else None,
-    )
-    if target.gpu and not target.measured:
-        risks.append(
-            "memory is planned for a GPU this machine does not have, but steps were timed on the CPU: plan again "
-            "on the GPU for the time budget (and for measured memory)"
-        )
-    memory = {
-        "method": "measured" if target.measured else "estimated",
-        "budget": budget.describe(),
-        "usable_bytes": budget.usable_bytes,
-        "precision": target.precision.name,
-        "chosen": asdict(search.use(mode, fit.size, fit.batch)),
-        "tests": search.record(),
-    }
-    return Plan(decisions, risks, memory, asdict(timing), asdict(settings), time.perf_counter() - started)
+    batch_size = batch_decision.overrides["data.batch_size"]
+    epochs = _schedule(fingerprint, settings, data, timing, batch_size, configured_epochs)
+    return Stage(spacing, median, budget, search, fit, decisions, timing, epochs)
 
 
 def _geometry(

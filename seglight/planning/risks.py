@@ -9,6 +9,7 @@ import numpy as np
 
 from seglight.planning.fingerprint import AXES, CT_AIR_BELOW, Fingerprint, is_ct
 from seglight.planning.rules import ANISOTROPY, SPREAD, axes, spread
+from seglight.planning.schedule import MIN_EPOCHS
 
 # An object fewer voxels across than this at the planned spacing is hard to segment.
 FEW_VOXELS = 3
@@ -16,7 +17,6 @@ FEW_VOXELS = 3
 MIN_PATCH_COVERAGE = 0.25
 # Logits, probabilities and one-hot targets of all classes should take at most this share of the budget.
 CLASS_MEMORY_SHARE = 0.25
-FEW_EPOCHS = 10
 
 
 def plan_risks(
@@ -57,7 +57,7 @@ def plan_risks(
             f"{classes} classes: logits, probabilities and one-hot targets take {logits / 2**30:.1f} GiB per step, "
             f"over {CLASS_MEMORY_SHARE:.0%} of the budget; the plan's patch and batch are small for so many classes"
         )
-    if epochs is not None and epochs < FEW_EPOCHS:
+    if epochs is not None and epochs < MIN_EPOCHS:
         found.append(f"the time budget allows only {epochs} epoch(s): expect an undertrained model")
     return found
 

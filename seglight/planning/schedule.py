@@ -17,12 +17,39 @@ SANITY_CASES = 2  # Lightning validates this many cases before training (num_san
 # Per epoch besides the steps: Lightning's loops, starting the loader, logging (an estimate, not measured).
 EPOCH_OVERHEAD_SECONDS = 0.1
 CHECKPOINTS_PER_VALIDATION = 2  # last.ckpt, and the best checkpoint when Dice improved (conf/callbacks)
+# A time budget that allows fewer epochs than this at the data's spacing coarsens it (experiment=demo trains 20),
+# by at most this factor per axis.
+MIN_EPOCHS = 20
+MAX_COARSENING = 2.0
 
 
 def overhead_seconds(read_seconds: float, validation_s: float) -> float:
     """Time outside the epochs: start-up, caching the cases (about as long as the fingerprint took to read them,
     with the same threads) and Lightning's sanity check."""
     return STARTUP_SECONDS + read_seconds + SANITY_CASES * validation_s
+
+
+def coarsening(epochs: int) -> float:
+    """Per-axis factor for the target spacing when a time budget allows fewer than ``MIN_EPOCHS``: the voxels,
+    and with them the time of a step and of a validation, shrink with its cube; at most ``MAX_COARSENING``."""
+    if epochs >= MIN_EPOCHS:
+        return 1.0
+    return min(MAX_COARSENING, (MIN_EPOCHS / max(epochs, 1)) ** (1 / 3))
+
+
+def decide_coarsening(
+    decision: Decision, spacing: list[float], factor: float, before: int, after: int
+) -> Decision:
+    """The target spacing decision, coarsened for the time budget."""
+    return Decision(
+        decision.name,
+        spacing,
+        f"{decision.rule}; then, when plan.time_budget allows fewer than {MIN_EPOCHS} epochs, every axis "
+        f"x (20 / epochs)^(1/3), at most {MAX_COARSENING:g}x",
+        f"{decision.numbers}; at {decision.value} mm the budget allows {before} epoch(s): x {factor:.3g} -> "
+        f"{spacing} mm ({factor**3:.3g}x fewer voxels), {after} epoch(s)",
+        decision.overrides,
+    )
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms]?)")

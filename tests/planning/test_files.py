@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from seglight import compose
 from seglight.core.errors import ConfigError
 from seglight.planning.files import PACKAGE_LINE, nested, plan_overlay, plan_yaml, read_plan
-from seglight.planning.planner import Plan, PlanSettings
+from seglight.planning.planner import Plan
 from seglight.planning.rules import Decision
+from seglight.planning.settings import PlanSettings
 
 MADE = {"date": "2026-01-01T00:00:00+00:00", "dataset": "/data/x", "memory": "estimated"}
 

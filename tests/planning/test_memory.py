@@ -22,7 +22,7 @@ from seglight.planning.memory import (
     measure_profile,
     reference_size,
 )
-from seglight.planning.planner import PlanSettings, plan_target
+from seglight.planning.settings import PlanSettings, plan_target
 from seglight.planning.steps import Precision
 
 SPACING = [1.0, 1.0, 2.0]

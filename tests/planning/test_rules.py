@@ -28,7 +28,7 @@ def planned(tmp_path_factory: pytest.TempPathFactory, name: str, cases, *overrid
 
 @pytest.fixture(scope="module")
 def isotropic(tmp_path_factory):
-    return planned(tmp_path_factory, "isotropic", ISOTROPIC, "plan.time_budget=2m")
+    return planned(tmp_path_factory, "isotropic", ISOTROPIC)
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +58,27 @@ def test_small_alike_isotropic_volumes_are_resized_whole(isotropic) -> None:
     )  # the CPU's speed decides that
 
 
-def test_a_time_budget_becomes_epochs_that_fit_in_it(isotropic) -> None:
-    _, plan = isotropic
-    epochs = plan.overrides()["trainer.max_epochs"]
-    interval = plan.overrides()["trainer.check_val_every_n_epoch"]
+def test_a_time_budget_becomes_epochs_that_fit_in_it(tmp_path_factory) -> None:
+    _, plan = planned(tmp_path_factory, "budgeted", ISOTROPIC, "plan.time_budget=60s")
+    overrides = plan.overrides()
+    epochs, interval = overrides["trainer.max_epochs"], overrides["trainer.check_val_every_n_epoch"]
     assert epochs >= interval >= 1 and epochs % interval == 0  # the last epoch validates
+    # 3 training cases in batches of 2: 2 steps an epoch; 1 validation case and 2 checkpoints a validation.
     timing = plan.timing
-    # 3 training cases in batches of 2 (2 steps per epoch), 1 validation case; 15 s start-up, read time, sanity.
-    epoch_s, val_s = 2 * timing["step_s"], timing["validation_s"]
-    assert epochs * epoch_s + epochs // interval * val_s < 120
+    epoch_s = 2 * timing["step_s"] + schedule.EPOCH_OVERHEAD_SECONDS
+    val_s = timing["validation_s"] + 2 * timing["checkpoint_s"]
+    assert schedule.STARTUP_SECONDS + epochs * epoch_s + epochs // interval * val_s <= 60
+    # Too few epochs at 1 mm: every axis is coarsened alike, at most 2x; else the spacing stays the data's.
+    spacing = plan.decision("target spacing")
+    factor = spacing.value[0]
+    assert spacing.value == [factor] * 3 and 1.0 <= factor <= schedule.MAX_COARSENING
+    assert (factor > 1.0) == ("then, when plan.time_budget allows fewer than 20 epochs" in spacing.rule)
+
+
+def test_coarsening_for_time() -> None:
+    assert schedule.coarsening(20) == 1.0 and schedule.coarsening(100) == 1.0
+    assert schedule.coarsening(5) == pytest.approx(4 ** (1 / 3))  # 4x fewer voxels for 4x the epochs
+    assert schedule.coarsening(1) == 2.0  # at most 2x per axis
 
 
 def test_an_anisotropic_axis_gets_its_10th_percentile_spacing_and_1_voxel_kernels(anisotropic) -> None:
