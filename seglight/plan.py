@@ -36,7 +36,7 @@ def plan(cfg: DictConfig) -> Plan:
     trainer = fall_back_to_cpu(OmegaConf.to_container(cfg.trainer, resolve=True))
     target = plan_target(
         settings,
-        trains_on_cuda=str(trainer.get("accelerator")).lower() not in ("cpu",) and torch.cuda.is_available(),
+        trains_on_cuda=str(trainer.get("accelerator")).lower() != "cpu" and torch.cuda.is_available(),
         precision=str(cfg.trainer.get("precision", "32")),
         cache_dir=Path(cfg.paths.cache_dir),
     )

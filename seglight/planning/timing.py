@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from seglight.core.io import atomic_path
-from seglight.planning.memory import MEASURE_STEPS, ModuleFactory
+from seglight.planning.memory import MEASURE_STEPS, ModuleFactory, release
 from seglight.planning.steps import (
     Precision,
     first_optimizer,
@@ -67,13 +67,13 @@ def measure_timing(
     started = time.perf_counter()
     validate(module, case, precision)
     validation_s = time.perf_counter() - started
-    if getattr(module, "surface", None) is not None:
-        module.surface.close()
+    checkpoint_s = checkpoint_seconds(module, optimizer, scratch)
+    release(module, optimizer)
     return Timing(
         describe_device(device),
         median(durations),
         validation_s,
-        checkpoint_seconds(module, optimizer, scratch),
+        checkpoint_s,
     )
 
 

@@ -43,7 +43,7 @@ def test_plan_prints_the_fingerprint_and_the_plan_and_writes_a_plan_that_trains(
         "epochs",
     ):
         assert f"\n  {name}: " in out, name
-    assert "Plan (memory estimated, precision 32" in out and "strong anisotropy: z is 3.12x" in out
+    assert "Plan (memory estimated, precision 32" in out and "strong anisotropy: z is 3.1" in out
     assert sorted(p.name for p in run.iterdir() if p.is_file()) == [
         "fingerprint.json",
         "plan.json",
