@@ -97,6 +97,13 @@ def validation_batch(
     return {"image": image.to(device), "label": label.to(device)}
 
 
+def as_precision(batch: dict[str, Any], precision: Precision) -> dict[str, Any]:
+    """The batch with its images in the parameters' dtype, as Lightning's ``16-true``/``bf16-true``/``64`` give them."""
+    if precision.autocast is not None or batch["image"].dtype == precision.parameters:
+        return batch
+    return {**batch, "image": batch["image"].to(precision.parameters)}
+
+
 @contextlib.contextmanager
 def quiet_steps() -> Iterator[None]:
     """Steps outside a Trainer, without Lightning's notice that their ``self.log`` calls go nowhere."""
@@ -118,6 +125,7 @@ def train_steps(
     Gradients stay allocated after the last step, as they are when Lightning validates after an epoch.
     """
     device = batch["image"].device
+    batch = as_precision(batch, precision)
     module.train()
     with quiet_steps():
         for index in range(steps):
@@ -136,6 +144,7 @@ def train_steps(
 def validate(module: Any, batch: dict[str, Any], precision: Precision) -> None:
     """One ``validation_step`` on a whole volume, waiting for its metrics (HD95 runs on a CPU thread)."""
     device = batch["label"].device
+    batch = as_precision(batch, precision)
     module.eval()
     with quiet_steps(), torch.no_grad(), precision.context(device):
         module.validation_step(batch, 0)
