@@ -339,3 +339,74 @@ def tiny_checkpoint(run_dir: Path, *overrides: str) -> Path:
     assert status == 0
     (written,) = (run_dir / "checkpoints").glob("*.ckpt")
     return written.rename(run_dir / "checkpoints" / "last.ckpt")
+
+
+def make_planning_dataset(
+    root: Path,
+    cases: list[tuple[tuple[int, int, int], tuple[float, float, float]]],
+    modality: str = "CT",
+    declared: bool = True,
+    obj: tuple[int, int, int] | None = None,
+    body: float = 0.75,
+    labels: int = 1,
+) -> Path:
+    """An MSD-layout dataset for the planning rules: one (shape, spacing) per case, x y z, RAS affines.
+
+    CT: air (-1000) around a body of soft tissue (40 +- 10 HU) holding an object at 150 +- 10 HU. Otherwise
+    (MRI-like): 0 around the body, tissue at 300 +- 30, the object at 600 +- 30. The body fills ``body`` of each
+    axis (centred); the object is a centred box of ``obj`` voxels (default: a third of the shape). ``labels=2``
+    adds a second class: one voxel-thick slab of 2 x 2 voxels beside the object. ``declared=False`` leaves the
+    modality out of dataset.json (the plan guesses it).
+    """
+    rng = np.random.default_rng(7)
+    ct = modality.upper() == "CT"
+    training = []
+    for index, (shape, spacing) in enumerate(cases):
+        box = obj or tuple(max(1, n // 3) for n in shape)
+        inside = tuple(slice((n - b) // 2, (n - b) // 2 + b) for n, b in zip(shape, box, strict=True))
+        extent = tuple(max(1, round(n * body)) for n in shape)
+        region = tuple(slice((n - e) // 2, (n - e) // 2 + e) for n, e in zip(shape, extent, strict=True))
+        label = np.zeros(shape, dtype=np.uint8)
+        label[inside] = 1
+        if labels == 2:
+            label[0:2, 0:2, shape[2] // 2] = 2
+        background, tissue, target, noise = (-1000.0, 40.0, 150.0, 10.0) if ct else (0.0, 300.0, 600.0, 30.0)
+        image = np.full(shape, background, dtype=np.float32)
+        image[region] = tissue + rng.normal(0, noise, size=image[region].shape)
+        image[label > 0] = target + rng.normal(0, noise, size=int((label > 0).sum()))
+        write_nifti(root / "imagesTr" / f"case_{index}.nii.gz", image, spacing)
+        write_nifti(root / "labelsTr" / f"case_{index}.nii.gz", label, spacing)
+        training.append({"image": f"imagesTr/case_{index}.nii.gz", "label": f"labelsTr/case_{index}.nii.gz"})
+    names = {"0": "background", "1": "object"} | ({"2": "speck"} if labels == 2 else {})
+    meta = {"name": "planning", "labels": names, "training": training}
+    if declared:
+        meta["modality"] = {"0": modality}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def plan_for(root: Path, run_dir: Path, *overrides: str):
+    """``python -m seglight.plan``'s work in this process for the MSD dataset at ``root``: (fingerprint, plan).
+
+    A tiny SegResNet unless the overrides choose another model; steps are timed on the CPU.
+    """
+    from hydra.utils import instantiate
+
+    from seglight import compose
+    from seglight.plan import module_factory
+    from seglight.planning.fingerprint import fingerprint_dataset
+    from seglight.planning.planner import make_plan
+    from seglight.planning.settings import DataSettings, PlanSettings, plan_target
+
+    base = ["data=msd", f"data.root={root}", "data.num_workers=1", "trainer=cpu", "plan.measure_steps=1"]
+    if not any(o.startswith("model=") for o in overrides):
+        base.append("model.init_filters=8")
+    cfg = compose([*base, *overrides], config_name="plan", output_dir=run_dir)
+    settings = PlanSettings.from_config(cfg.plan)
+    fingerprint = fingerprint_dataset(instantiate(cfg.data, _convert_="all"))
+    target = plan_target(settings, False, str(cfg.trainer.precision), run_dir / "cache")
+    model = dict(cfg.model)
+    plan = make_plan(
+        fingerprint, settings, DataSettings.from_config(cfg.data), model, module_factory(cfg), target, 1
+    )
+    return fingerprint, plan
