@@ -172,16 +172,16 @@ def fingerprint_dataset(datamodule: Any, samples: int = FOREGROUND_SAMPLES) -> F
     workers = max(1, int(datamodule.num_workers))
     cases, report = datamodule.inspect(full=False, workers=workers)
     bad = report.bad_cases()
-    if bad and datamodule.on_bad_case == "error":
+    if bad and datamodule.settings.on_bad_case == "error":
         report.raise_for_errors()
     skipped = [{"case_id": cases[i].get("case_id"), "problems": bad[i]} for i in sorted(bad)]
     good = [case for i, case in enumerate(cases) if i not in bad]
-    _, names, _ = datamodule.localized_cases()
+    _, names, _ = datamodule.catalog.localized_cases()
     per_case = max(100, min(samples, MAX_POOLED_SAMPLES // max(1, len(good))))
 
     def one(index: int) -> CaseStats | str:
         try:
-            return read_case(good[index], datamodule.orientation, per_case, seed=(index,))
+            return read_case(good[index], datamodule.settings.orientation, per_case, seed=(index,))
         except DataError as err:
             message = str(err)
             for local, url in names.items():  # name downloaded files by their URL
@@ -191,7 +191,7 @@ def fingerprint_dataset(datamodule: Any, samples: int = FOREGROUND_SAMPLES) -> F
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(one, range(len(good))))
     failed = [(good[i]["case_id"], r) for i, r in enumerate(results) if isinstance(r, str)]
-    if failed and datamodule.on_bad_case == "error":
+    if failed and datamodule.settings.on_bad_case == "error":
         raise DataError(
             failed[0][1] if len(failed) == 1 else f"{len(failed)} cases cannot be used: {failed[0][1]}"
         )
@@ -199,10 +199,10 @@ def fingerprint_dataset(datamodule: Any, samples: int = FOREGROUND_SAMPLES) -> F
     stats = [r for r in results if isinstance(r, CaseStats)]
     if not stats:
         raise DataError("no case of the dataset could be read: nothing to plan from")
-    meta = datamodule.dataset_meta()
+    meta = datamodule.catalog.dataset_meta()
     channels = describe_channels(stats, meta)
     source = {
-        k: str(v) for k, v in (("root", datamodule.data_root), ("layout", datamodule.layout)) if v is not None
+        k: str(v) for k, v in (("root", datamodule.catalog.root), ("layout", datamodule.settings.layout.layout)) if v is not None
     }
     fingerprint = Fingerprint(
         source=source,

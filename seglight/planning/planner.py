@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from seglight.core.containers import plain
 from seglight.core.errors import ConfigError
-from seglight.core.utils import plain
 from seglight.data.splits import holdout_split
 from seglight.models.networks import class_name, output_channels
 from seglight.planning import preprocessing, rules, schedule

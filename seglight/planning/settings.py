@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from seglight.core.containers import plain
 from seglight.core.errors import ConfigError
-from seglight.core.utils import plain
 from seglight.planning import schedule
 from seglight.planning.memory import (
     CPU_MEMORY_SHARE,
