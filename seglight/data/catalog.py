@@ -28,7 +28,7 @@ from seglight.data.datalists import (
     resolve_datalist,
 )
 from seglight.data.demo import demo_root
-from seglight.data.dicom import entry_volumes, is_series_entry
+from seglight.data.dicom import dicom_volume, entry_volumes, is_series_entry
 from seglight.data.folders import IncompleteCase
 from seglight.data.layouts import DATASET, SUBJECTS, SubjectPatterns, dataset_cases, find_layout, meta_beside
 from seglight.data.remote import RemoteCache, is_remote, localize_paths
@@ -205,6 +205,8 @@ class Catalog:
             path = image[0] if isinstance(image, list) else image
             if is_remote(path):
                 return None, None  # not fetched yet: nothing is downloaded just to size the network
+            if is_series_entry(path):  # a DICOM series: converted now rather than at setup, and read the same
+                path = str(dicom_volume(path, self.store, self.layout.dicom_dir))
             return oriented_geometry(str(path), self.settings.orientation)
         except (SeglightError, IndexError, OSError):  # no data yet (the demo before generation) or unreadable
             return None, None

@@ -391,6 +391,10 @@ def test_the_check_names_the_series_folder_that_is_no_volume_or_whose_label_is_o
         spatial_size=[16, 16, 8],
     )
 
+    # The network is sized from the first series' geometry, as from a NIfTI scan's header (before setup): in RAS,
+    # 20 x 16 x 18 voxels of 0.7 x 2 x 0.9 mm, resized to 16 x 16 x 8.
+    assert data.network_input().spacing == pytest.approx([0.7 * 20 / 16, 2.0 * 16 / 16, 0.9 * 18 / 8])
+
     _, report = data.inspect()
 
     errors = {f.path: f.message for f in report.findings if f.severity == "error"}
