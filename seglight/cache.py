@@ -18,7 +18,11 @@ ACTIONS = ("info", "prune", "clear")
 
 def cache(cfg: DictConfig) -> list[CacheReport]:
     """Run ``cfg.action`` on the caches of ``cfg``; returns the caches as they are afterwards."""
-    roots = {"preprocessed": Path(cfg.preprocessed_dir), "remote": Path(cfg.remote_dir)}
+    roots = {
+        "preprocessed": Path(cfg.preprocessed_dir),
+        "remote": Path(cfg.remote_dir),
+        "dicom": Path(cfg.dicom_dir),
+    }
     action = str(cfg.action)
     if action not in ACTIONS:
         raise ConfigError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")

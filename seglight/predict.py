@@ -11,7 +11,7 @@ from seglight.core.console import setup as setup_console
 from seglight.core.containers import plain
 from seglight.core.errors import ConfigError, DataError, reported_errors
 from seglight.data.remote import is_remote
-from seglight.prediction.cases import PredictionReport, predict
+from seglight.prediction.cases import PredictionReport, output_formats, predict
 from seglight.training.checkpoints import model_checkpoints
 
 _EXAMPLE = "python -m seglight.predict ckpt=<run>/checkpoints/last.ckpt input=<scan.nii.gz or folder> output=<folder>"
@@ -19,10 +19,11 @@ _EXAMPLE = "python -m seglight.predict ckpt=<run>/checkpoints/last.ckpt input=<s
 
 def check_options(cfg: DictConfig) -> None:
     """What must hold before anything is written: ``ckpt=`` and ``input=`` given, the checkpoints found, a local
-    input present."""
+    input present, the output formats known."""
     for key in ("ckpt", "input"):
         if cfg.get(key) in (None, "", []):
             raise ConfigError(f"{key}= is required, e.g. {_EXAMPLE}")
+    output_formats(plain(cfg.get("output_format", "nifti")))
     model_checkpoints(plain(cfg.ckpt))
     source = str(cfg.input)
     if not is_remote(source) and not Path(source).expanduser().exists():
@@ -46,8 +47,10 @@ def run(cfg: DictConfig) -> PredictionReport:
         cache_dir=cfg.paths.cache_dir,
         endpoint_url=cfg.get("endpoint_url"),
         image_pattern=plain(cfg.get("image_pattern")),
+        output_format=plain(cfg.get("output_format", "nifti")),
     )
-    print(f"Wrote {len(report.written)} mask(s) to {report.output}", flush=True)
+    segs = f" ({len(report.dicom_seg)} as DICOM SEG)" if report.dicom_seg else ""
+    print(f"Wrote {len(report.written)} mask(s){segs} to {report.output}", flush=True)
     report.raise_for_failures()
     return report
 

@@ -410,3 +410,64 @@ def plan_for(root: Path, run_dir: Path, *overrides: str):
         fingerprint, settings, DataSettings.from_config(cfg.data), model, module_factory(cfg), target, 1
     )
     return fingerprint, plan
+
+
+def block_label(shape: tuple[int, ...], values: tuple[int, int] = (1, 1)) -> np.ndarray:
+    """Two boxes with even start and stop on every axis; no flip or axis swap maps the label onto itself."""
+    label = np.zeros(shape, dtype=np.uint8)
+    a = tuple(slice(n // 8, 3 * n // 8) for n in shape)
+    b = (slice(5 * shape[0] // 8, 7 * shape[0] // 8), a[1], slice(5 * shape[2] // 8, 6 * shape[2] // 8))
+    label[a] = values[0]
+    label[b] = values[1]
+    return label
+
+
+def intensity_checkpoint(
+    path: Path,
+    cases: list[dict[str, str]],
+    classes: int,
+    size: tuple[int, int, int] = (16, 16, 16),
+    label_names: dict[int, str] | None = None,
+) -> Path:
+    """A real Lightning checkpoint (1 epoch at lr 0) of a network that maps windowed intensity to the label: a
+    1x1x1 convolution of the image's channels (cases whose image is a list of files have several) in which only
+    the first channel counts."""
+    import lightning as L
+    import torch
+
+    from seglight import SegDataModule, SegModule
+
+    channels = len(cases[0]["image"]) if isinstance(cases[0]["image"], list) else 1
+    conv = {"_target_": "torch.nn.Conv3d", "in_channels": channels, "out_channels": classes, "kernel_size": 1}
+    datamodule = SegDataModule(
+        datalist=cases, spatial_size=list(size), num_workers=0, batch_size=1, cache="none", val_fraction=0.5
+    )
+    module = SegModule(
+        net=conv,
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.0},
+        label_names=label_names
+        or ({0: "background", 1: "organ"} if classes == 1 else {0: "background", 1: "a", 2: "b"}),
+        metrics={"hd95": False},
+        data=datamodule.prediction_settings(),  # as seglight.build saves it
+    )
+    with torch.no_grad():
+        if classes == 1:  # sigmoid(20 x - 10): foreground where x (0 or 1 here) is bright
+            weights, bias = [20.0], [-10.0]
+        else:  # argmax of three lines in x: 0 at x=0, 1 at x=0.5, 2 at x=1
+            weights, bias = [-20.0, 0.0, 20.0], [5.0, 0.0, -15.0]
+        first = torch.tensor(weights).reshape(classes, 1, 1, 1, 1)
+        module.net.weight.copy_(torch.cat([first, torch.zeros(classes, channels - 1, 1, 1, 1)], dim=1))
+        module.net.bias.copy_(torch.tensor(bias))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(path)
+    return path

@@ -84,9 +84,10 @@ LOG_NOISE: tuple[tuple[str, str], ...] = (
     # The log line of the GPU DICOM decoder MONAI tries wherever pydicom is installed (see WARNING_NOISE).
     ("monai.data.nvimgcodec_pydicom_plugin", r"nvImageCodec is not available; skipping pydicom decoder"),
 )
-# Libraries that log their start-up at INFO: shown from WARNING on (alembic: plugin set-up and every migration of
-# a fresh MLflow sqlite store; MLflow: "Creating initial MLflow database tables").
-QUIET_LOGGERS = ("alembic", "mlflow.store", "mlflow.tracking._tracking_service")
+# Libraries that log their workings at INFO: shown from WARNING on (alembic: plugin set-up and every migration of
+# a fresh MLflow sqlite store; MLflow: "Creating initial MLflow database tables"; highdicom: every module it copies
+# into each DICOM SEG).
+QUIET_LOGGERS = ("alembic", "mlflow.store", "mlflow.tracking._tracking_service", "highdicom")
 
 _original_showwarning = warnings.showwarning
 # The loggers Lightning gives a handler of their own when it is imported before logging is configured.

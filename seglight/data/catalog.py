@@ -1,6 +1,7 @@
 """What a data module's dataset holds: its cases (the training source, then the validation source), its
-dataset.json, label names and values, input channels, what the network sees, the remote files fetched, and the
-check of every case. Read once, on demand; all but the fetching and the check work before setup.
+dataset.json, label names and values, input channels, what the network sees, the remote files fetched and the DICOM
+series converted, and the check of every case. Read once, on demand; all but the fetching, the conversion and the
+check work before setup.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from seglight.data.datalists import (
     resolve_datalist,
 )
 from seglight.data.demo import demo_root
+from seglight.data.dicom import dicom_volume, entry_volumes, is_series_entry
 from seglight.data.folders import IncompleteCase
 from seglight.data.layouts import DATASET, SUBJECTS, SubjectPatterns, dataset_cases, find_layout, meta_beside
 from seglight.data.remote import RemoteCache, is_remote, localize_paths
@@ -204,41 +206,55 @@ class Catalog:
             path = image[0] if isinstance(image, list) else image
             if is_remote(path):
                 return None, None  # not fetched yet: nothing is downloaded just to size the network
+            if is_series_entry(path):  # a DICOM series: converted now rather than at setup, and read the same
+                path = str(dicom_volume(path, self.store, self.layout.dicom_dir))
             return oriented_geometry(str(path), self.settings.orientation)
         except (SeglightError, IndexError, OSError):  # no data yet (the demo before generation) or unreadable
             return None, None
 
     def localized_cases(self) -> tuple[list[Case], dict[str, str], list[Finding]]:
-        """The cases with every remote file replaced by its local copy (fetched now unless cached).
+        """The cases with every remote file replaced by its local copy (fetched now unless cached), and every image
+        entry that is a DICOM series (a folder, ``s3://`` prefix or ``.zip``) by its NIfTI volume (converted now
+        unless cached, ``seglight.data.dicom``), so that every reader and check sees NIfTI files.
 
-        Returns the cases, the URL of each local copy (to name files in messages) and a finding for each
-        object that could not be fetched. A problem every object would share (bucket, credentials) raises.
+        Returns the cases, what each local file stands for (a URL, a series folder: to name it in messages) and a
+        finding for each object that could not be fetched and each series that is no volume. A problem every
+        object would share (bucket, credentials) raises.
         """
         if self._localized is not None:
             return self._localized
         cases = self.read_cases()
-        urls = [p for case in cases for p in _paths_of(case) if is_remote(p)]
-        if not urls:
+        series = list(dict.fromkeys(p for case in cases for p in _image_paths(case) if is_series_entry(p)))
+        urls = [p for case in cases for p in _paths_of(case) if is_remote(p) and p not in series]
+        if not urls and not series:
             self._localized = (cases, {}, [])
             return self._localized
-        hold(self.store.cache_dir)  # pruning keeps what this run fetches or reuses
-        fetched, problems = self.store.fetch_all(urls)
+        fetched: dict[str, Path] = {}
+        problems: dict[str, str] = {}
+        if urls:
+            hold(self.store.cache_dir)  # pruning keeps what this run fetches or reuses
+            fetched, problems = self.store.fetch_all(urls)
+            log.info(
+                "Remote files: %d of %d fetched now (%.1f MB); cache %s",
+                self.store.downloaded,
+                len(set(urls)),
+                self.store.downloaded_bytes / 1e6,
+                self.store.usage(),
+            )
+        if series:
+            converted, unconverted = entry_volumes(series, self.store, self.layout.dicom_dir)
+            volumes = {path: volume for path, (_, volume) in converted.items()}
+            fetched, problems = {**fetched, **volumes}, {**problems, **unconverted}
+            log.info("DICOM series: %d of %d converted to NIfTI volumes", len(converted), len(series))
         findings = []
         for index, case in enumerate(cases):
-            for url in _paths_of(case):
-                if url in problems:
-                    message = problems[url].removeprefix(f"{url}: ")
-                    findings.append(Finding("error", url, message, index))
+            for path in _paths_of(case):
+                if path in problems:
+                    message = problems[path].removeprefix(f"{path}: ")
+                    findings.append(Finding("error", path, message, index))
             case[IMAGE] = localize_paths(case[IMAGE], fetched)
             case[LABEL] = localize_paths(case[LABEL], fetched)
-        log.info(
-            "Remote files: %d of %d fetched now (%.1f MB); cache %s",
-            self.store.downloaded,
-            len(set(urls)),
-            self.store.downloaded_bytes / 1e6,
-            self.store.usage(),
-        )
-        self._localized = (cases, {str(path): url for url, path in fetched.items()}, findings)
+        self._localized = (cases, {str(path): source for source, path in fetched.items()}, findings)
         return self._localized
 
     def inspect(
@@ -329,6 +345,11 @@ def _refuse_shared_ids(train: SourceCases, val: SourceCases, source: str) -> Non
 
 def _first(image: Any) -> Any:
     return image[0] if isinstance(image, list) else image
+
+
+def _image_paths(case: Case) -> list[str]:
+    image = case[IMAGE]
+    return [str(v) for v in image] if isinstance(image, list) else [str(image)]
 
 
 def _paths_of(case: Case) -> list[str]:

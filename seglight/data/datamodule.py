@@ -63,8 +63,9 @@ class SegDataModule(L.LightningDataModule):
         cache_dir: folder of the ``disk`` cache.
         gpu_cache_share: the share of the GPU's free memory (before training starts) that ``auto`` lets the
             training cache take.
-        cache_max_gb: size limit of the disk cache and the remote-file cache together: after setup, entries
-            are removed least recently used first until they fit (never those a running run uses); None: no limit.
+        cache_max_gb: size limit of the disk cache, the remote-file cache and the DICOM cache together: after
+            setup, entries are removed least recently used first until they fit (never those a running run uses);
+            None: no limit.
         on_bad_case: ``error`` refuses to train on a dataset with a bad case; ``skip`` leaves such cases out and
             lists them in ``skipped_path``.
         skipped_path: where ``skip`` lists the cases it left out (JSON).
@@ -75,6 +76,8 @@ class SegDataModule(L.LightningDataModule):
             ``root``, found by ``image_pattern`` and ``label_pattern``; each case is named after its folder).
         labels: declared label values and names (``{0: background, 1: organ}``), for datalists without a
             dataset.json; the check flags label values outside them.
+        dicom_cache_dir: where image entries that are DICOM series (a folder, ``s3://`` prefix or ``.zip`` of one
+            series) are converted to NIfTI, once (``seglight.data.dicom``); default ``<seglight's cache>/dicom``.
         remote: ``cache_dir`` (where ``s3://`` objects are downloaded), ``endpoint_url`` (an S3-compatible
             store; default ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` or AWS) and ``options`` (more s3fs
             settings, e.g. ``anon: true``). Credentials never go here: they come from the AWS chain.
@@ -137,6 +140,7 @@ class SegDataModule(L.LightningDataModule):
         val_root: str | None = None,
         val_datalist: Sequence[Mapping[str, Any]] | str | None = None,
         seed: int = 0,
+        dicom_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         # Saved into checkpoints (as datamodule_hyper_parameters) so prediction can rebuild the same preprocessing.
@@ -274,7 +278,7 @@ class SegDataModule(L.LightningDataModule):
         self._val_length = max(sum(val_ids[i] not in failed for i in block) for block in blocks)
         self._built_for = (rank, world)
         if getattr(self.trainer, "local_rank", 0) == 0:  # once per node
-            limit_caches(self.settings.cache, self.remote_cache.cache_dir)
+            limit_caches(self.settings.cache, self.remote_cache.cache_dir, self.settings.layout.dicom_dir)
 
     def train_dataloader(self) -> DataLoader:
         """This rank's training batches: its share of the cases in a seeded order, resumable mid-epoch."""

@@ -12,7 +12,8 @@ is in Hounsfield units.
 Converted volumes live in ``<cache>/dicom/<SeriesInstanceUID>@<where>-<version>/<case id>.nii.gz``: ``where``
 hashes the files' paths, ``version`` their sizes and modification times, so a changed series converts again (its
 old entry removed), an unchanged one is a cache hit, and copies of a series in several places do not evict each
-other.
+other. ``python -m seglight.cache`` lists and prunes these entries (kind ``dicom``), never those a running process
+has used: reading a source takes a lease on the cache (``seglight.data.caching.files.hold``).
 pydicom is an optional dependency: ``pip install "seglight[dicom]"``.
 """
 
@@ -35,8 +36,8 @@ import nibabel as nib
 import numpy as np
 
 from seglight.core.errors import ConfigError, DataError, describe_exception
-from seglight.core.io import atomic_path, partial_path
-from seglight.data.caching.files import record_use
+from seglight.core.io import atomic_path, is_nifti, partial_path
+from seglight.data.caching.files import hold, record_use
 from seglight.data.datalists import IMAGE, assign_case_ids, safe_name
 from seglight.data.dicom_geometry import (
     FrameGeometry,
@@ -117,10 +118,13 @@ class DicomVolumes:
 
 
 def dicom_volumes(
-    source: str | Path, store: RemoteCache | None = None, cache_dir: str | Path | None = None
+    source: str | Path,
+    store: RemoteCache | None = None,
+    cache_dir: str | Path | None = None,
+    log_skipped: bool = True,
 ) -> DicomVolumes:
     """Every series of ``source`` that is a volume, converted (or found in the cache) as NIfTI; the others skipped
-    with their reason, logged as warnings."""
+    with their reason, logged as warnings unless the caller reports them itself (``log_skipped=False``)."""
     found = find_series(source, store, cache_dir)
     result = DicomVolumes(volumes={}, series={s.case_id: s for s in found}, skipped={})
     for series in found:
@@ -130,7 +134,8 @@ def dicom_volumes(
             result.volumes[series.case_id] = series_volume(series, cache_dir)
         except DataError as exc:
             result.skipped[series.case_id] = f"{series.describe()}: {exc}; skipped"
-            log.warning("%s", result.skipped[series.case_id])
+            if log_skipped:
+                log.warning("%s", result.skipped[series.case_id])
     return result
 
 
@@ -139,16 +144,51 @@ def dicom_volume(
 ) -> Path:
     """The NIfTI volume of a folder (prefix, zip) that holds one series: a datalist's image entry that is a series
     folder. A DataError when it holds no volume, or several series that are."""
-    converted = dicom_volumes(source, store, cache_dir)
+    return one_series(source, store, cache_dir)[1]
+
+
+def one_series(
+    source: str | Path, store: RemoteCache | None = None, cache_dir: str | Path | None = None
+) -> tuple[DicomSeries, Path]:
+    """The one series of a folder (prefix, zip) that is a volume, and that volume (``dicom_volume``)."""
+    converted = dicom_volumes(source, store, cache_dir, log_skipped=False)  # the error below says why
     if len(converted.volumes) == 1:
-        return next(iter(converted.volumes.values()))
+        ((case_id, volume),) = converted.volumes.items()
+        return converted.series[case_id], volume
     if not converted.volumes:
-        reasons = "; ".join(converted.skipped.values())
+        reasons = "; ".join(line.removesuffix("; skipped") for line in converted.skipped.values())
         raise DataError(f"{source}: holds no DICOM series that is a volume ({reasons})")
     raise DataError(
         f"{source}: holds {len(converted.volumes)} series that are volumes ({', '.join(converted.volumes)}); "
         "give the folder of one series"
     )
+
+
+def is_series_entry(path: str | Path) -> bool:
+    """Whether a datalist's image entry names a DICOM series to convert rather than a NIfTI file: a local folder, a
+    ``.zip``, or an ``s3://`` prefix (a URL that does not end in ``.nii``/``.nii.gz``)."""
+    text = str(path)
+    if text.lower().endswith(".zip"):
+        return True
+    if is_remote(text):
+        return not is_nifti(text)
+    return Path(text).expanduser().is_dir()
+
+
+def entry_volumes(
+    paths: Sequence[str], store: RemoteCache | None = None, cache_dir: str | Path | None = None
+) -> tuple[dict[str, tuple[DicomSeries, Path]], dict[str, str]]:
+    """The series and NIfTI volume of each image entry that is a series folder (``one_series``), and the problem
+    of each that holds no single volume (one line naming the entry), as ``RemoteCache.fetch_all`` gives fetched
+    files."""
+    converted: dict[str, tuple[DicomSeries, Path]] = {}
+    problems: dict[str, str] = {}
+    for path in dict.fromkeys(paths):
+        try:
+            converted[path] = one_series(path, store, cache_dir)
+        except DataError as exc:
+            problems[path] = str(exc)
+    return converted, problems
 
 
 def find_series(
@@ -164,6 +204,7 @@ def find_series(
     """
     pydicom = require_pydicom()
     store = store or RemoteCache()
+    hold(dicom_cache_dir(cache_dir))  # pruning keeps the conversions and zips this process uses
     files = source_files(source, store, cache_dir)
     headers: dict[str, Any] = {}
     unreadable: list[str] = []
@@ -292,6 +333,7 @@ def source_files(source: str | Path, store: RemoteCache, cache_dir: str | Path |
     if is_remote(text):
         if not store.exists(text):
             raise DataError(f"input={source}: no such object or prefix")
+        hold(store.cache_dir)  # pruning keeps the files fetched here while they are converted
         if text.lower().endswith(".zip"):
             return source_files(store.fetch(text), store, cache_dir)
         urls = [join_path(text, relative) for relative in store.find(text)]
@@ -317,6 +359,7 @@ def extracted_zip(path: Path, cache_dir: str | Path | None = None) -> Path:
     key = _key([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
     target = dicom_cache_dir(cache_dir) / "zip" / f"{safe_name(path.stem)}@{key}"
     if target.is_dir():
+        record_use(next((f for f in target.rglob("*") if f.is_file()), target))  # one file dates the entry
         return target
     partial = partial_path(target)
     try:

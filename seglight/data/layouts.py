@@ -3,14 +3,16 @@ and SageMaker channels use, so that the same folder is read the same way everywh
 
 ``find_layout`` looks at a local path or ``s3://`` URL in this order:
 
-1. a file: ``dataset.json`` (a dataset, at its folder), a ``.json``/``.csv`` datalist, else an image;
+1. a file: ``dataset.json`` (a dataset, at its folder), a ``.json``/``.csv`` datalist, a ``.zip`` or a file of
+   DICOM (``dicom``), else an image;
 2. a folder holding ``dataset.json``: a dataset, MSD or nnU-Net v2 (``dataset_format`` tells them apart);
 3. a folder holding one ``.json``/``.csv`` datalist, when the caller looks for one (``datalist_keys``);
 4. subject folders matching the image/label patterns, when the caller prefers them (``prefer_subjects``);
 5. a folder of NIfTI files (``files``; ``seglight.data.folders.group_channel_files`` groups nnU-Net channel files);
 6. subject folders matching the image/label patterns (or, with ``SubjectPatterns.infer``, the file names common to
    every case folder);
-7. a folder holding a single folder: inside it, up to ``nesting`` levels down.
+7. DICOM files, at any depth (``dicom``: every series one case; ``seglight.data.dicom`` reads them);
+8. a folder holding a single folder: inside it, up to ``nesting`` levels down.
 
 What differs between callers is an argument: the kinds they accept, whether a case needs a label, how deep they
 look, whether subject folders come first. A path that holds none of the accepted kinds is a DataError naming the
@@ -35,12 +37,15 @@ from seglight.data.datalists import (
     read_msd_datalist,
     read_nnunet_datalist,
 )
+from seglight.data.dicom import is_dicom_source
 from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN, FolderCases, read_folder_cases
 from seglight.data.remote import RemoteCache, is_remote, join_path
 
 DATASET, DATALIST, SUBJECTS, FILES, IMAGE_FILE = "dataset", "datalist", "folder", "files", "image"
-KINDS = (DATASET, DATALIST, SUBJECTS, FILES, IMAGE_FILE)
+DICOM = "dicom"
+KINDS = (DATASET, DATALIST, SUBJECTS, FILES, IMAGE_FILE, DICOM)
 DATALIST_SUFFIXES = (".json", ".csv")
+ZIP_SUFFIX = ".zip"
 LABEL_WORDS = ("label", "mask", "seg", "gt")  # a file name saying it is the label, when patterns are inferred
 # What each kind is, for messages: as expected of a path, and as missing from a folder.
 EXPECTED = {
@@ -49,6 +54,7 @@ EXPECTED = {
     SUBJECTS: "subject folders",
     FILES: "a folder of .nii or .nii.gz files",
     IMAGE_FILE: "a .nii or .nii.gz file",
+    DICOM: "DICOM series (a folder, s3:// prefix or .zip of DICOM files)",
 }
 
 
@@ -231,8 +237,8 @@ def _existing(
     """The path (``~`` expanded); a DataError when it is not there. A URL is looked up only when files are
     accepted (to tell a file from a prefix): a prefix with nothing under it is an empty folder."""
     datalist_file = DATALIST in accept and not datalists_in_folders
-    takes_files = IMAGE_FILE in accept or datalist_file  # a dataset.json names its folder
-    takes_folders = any(k in accept for k in (DATASET, SUBJECTS, FILES)) or (
+    takes_files = IMAGE_FILE in accept or DICOM in accept or datalist_file  # a dataset.json names its folder
+    takes_folders = any(k in accept for k in (DATASET, SUBJECTS, FILES, DICOM)) or (
         DATALIST in accept and datalists_in_folders
     )
     if is_remote(text):
@@ -248,7 +254,7 @@ def _existing(
 
 def _is_file(text: str) -> bool:
     if is_remote(text):
-        return text.lower().endswith((*NIFTI_SUFFIXES, *DATALIST_SUFFIXES))
+        return text.lower().endswith((*NIFTI_SUFFIXES, *DATALIST_SUFFIXES, ZIP_SUFFIX))
     return not Path(text).is_dir()
 
 
@@ -258,6 +264,8 @@ def _file_layout(text: str, accept: tuple[str, ...], where: str, store: RemoteCa
         kind = DATASET
     elif file_name.lower().endswith(DATALIST_SUFFIXES):
         kind = DATALIST
+    elif file_name.lower().endswith(ZIP_SUFFIX) or (not is_nifti(file_name) and is_dicom_source(text, store)):
+        kind = DICOM  # a zip of DICOM files (the reader says when it holds none), or one file of a series
     else:
         kind = IMAGE_FILE  # NIfTI or not: the reader says what it is
     if kind not in accept:
@@ -300,7 +308,11 @@ def _folder_layout(
         if files:
             return Layout(FILES, folder, files=files)
     if SUBJECTS in accept and not prefer_subjects:
-        return _subject_folders(folder, subjects, store, allow_empty=only != SUBJECTS)
+        layout = _subject_folders(folder, subjects, store, allow_empty=only != SUBJECTS)
+        if layout is not None:
+            return layout
+    if DICOM in accept and is_dicom_source(folder, store):
+        return Layout(DICOM, folder)
     return None
 
 
@@ -341,7 +353,7 @@ def _datalists_in(folder: str, keys: tuple[Sequence[str], Sequence[str]], store:
 
 def _folder_kinds(accept: tuple[str, ...], datalist_keys: Any) -> tuple[str, ...]:
     """The accepted kinds a folder can be, in the order messages name them."""
-    kinds = (FILES, SUBJECTS, DATASET, *((DATALIST,) if datalist_keys is not None else ()))
+    kinds = (FILES, SUBJECTS, DATASET, *((DATALIST,) if datalist_keys is not None else ()), DICOM)
     return tuple(k for k in kinds if k in accept)
 
 
@@ -353,6 +365,7 @@ def _nothing_found(
         SUBJECTS: f"subject folders matching {subjects.prefix}image_pattern={_pattern(subjects.image)}",
         DATASET: "dataset.json (MSD or nnU-Net v2)",
         DATALIST: ".json or .csv datalist",
+        DICOM: "DICOM files",
     }
     items = [missing[k] for k in kinds]
     listed = items[0] if len(items) == 1 else ", no ".join(items[:-1]) + " and no " + items[-1]

@@ -159,6 +159,7 @@ class LayoutSettings:
     val_datalist: Any
     labels: dict[Any, Any] | None
     remote: dict[str, Any]
+    dicom_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.root is None and self.datalist is None and self.demo is None:
@@ -185,6 +186,11 @@ class LayoutSettings:
             endpoint_url=self.remote.get("endpoint_url"),
             options=self.remote.get("options") or {},
         )
+
+    @property
+    def dicom_dir(self) -> Path:
+        """Where DICOM series among the images are converted to NIfTI (``data.dicom_cache_dir``)."""
+        return Path(self.dicom_cache_dir or default_cache_dir() / "dicom").expanduser()
 
     def local_or_url(self, path: str | None) -> str | None:
         """``path`` with ``~`` expanded, unless it is a URL."""
@@ -267,6 +273,7 @@ class DataSettings:
             val_datalist=o["val_datalist"],
             labels=o["labels"],
             remote=o["remote"] or {},
+            dicom_cache_dir=o.get("dicom_cache_dir"),
         )
         split = SplitSettings(
             val_fraction=float(o["val_fraction"]),

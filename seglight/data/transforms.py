@@ -26,7 +26,14 @@ class LoadCased(mt.MapTransform):
 
     def __init__(self, keys: Sequence[str], **load_kwargs: Any) -> None:
         super().__init__(keys)
+        # Kept private: the disk cache's key describes the public attributes, and predates this one.
+        self._load_kwargs = dict(load_kwargs)
         self.loaders = {key: mt.LoadImaged(keys=key, **load_kwargs) for key in self.keys}
+
+    @property
+    def monai_arguments(self) -> dict[str, Any]:
+        """The arguments its LoadImaged was made with (``image_only``...), which LoadImaged keeps privately."""
+        return dict(self._load_kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -247,16 +254,24 @@ MONAI_EQUIVALENTS: dict[type, type] = {LoadCased: mt.LoadImaged}
 _NOT_SETTINGS = {"self", "keys", "allow_missing_keys", "lazy", "args", "kwargs"}
 
 
+def monai_call(transform: mt.Transform) -> tuple[type, dict[str, Any]]:
+    """The MONAI class that does what ``transform`` does, and the arguments of that class it was made with (keys
+    aside), read from the object as ``describe_transform`` finds them (a setting MONAI keeps per key, for a
+    transform of one key, as that key's value) and from what it declares (``monai_arguments``)."""
+    monai_class = MONAI_EQUIVALENTS.get(type(transform), type(transform))
+    found = {**_settings(describe_transform(transform)), **getattr(transform, "monai_arguments", {})}
+    arguments = inspect.signature(monai_class.__init__).parameters
+    return monai_class, {
+        name: found[name] for name in arguments if name in found and name not in _NOT_SETTINGS
+    }
+
+
 def describe_steps(transforms: Sequence[mt.Transform]) -> list[dict[str, Any]]:
     """Each transform as a step a deployment can rebuild: its name and purpose (``STEPS``), the MONAI call that does it,
-    and that call's arguments, read from the transform object as ``describe_transform`` finds them (a setting that
-    MONAI keeps per key, for the one key of prediction's image-only pipeline, as that key's value)."""
+    and that call's arguments (``monai_call``)."""
     steps = []
     for transform in transforms:
-        monai_class = MONAI_EQUIVALENTS.get(type(transform), type(transform))
-        found = _settings(describe_transform(transform))
-        arguments = inspect.signature(monai_class.__init__).parameters
-        settings = {name: found[name] for name in arguments if name in found and name not in _NOT_SETTINGS}
+        monai_class, settings = monai_call(transform)
         keys = list(getattr(transform, "keys", ()))
         call = [f"keys={keys!r}"] * bool(keys) + [f"{name}={value!r}" for name, value in settings.items()]
         name, what = STEPS.get(type(transform), (type(transform).__name__, None))

@@ -31,6 +31,7 @@ from monai import transforms as mt
 from seglight.core.errors import ConfigError, SeglightError, first_line
 from seglight.core.io import atomic_write_text, partial_path
 from seglight.data.datalists import IMAGE
+from seglight.data.transforms import STEPS, monai_call
 from seglight.exporting.bundle_metadata import bundle_labels, bundle_metadata, readme
 from seglight.exporting.formats import checkpoint_file, load_trained, plain_network, trained_size
 from seglight.models.networks import class_name
@@ -220,91 +221,39 @@ def inference_config(
 
 
 def transform_config(transform: mt.Transform) -> dict[str, Any]:
-    """A bundle config entry that builds ``transform`` again, from its settings; SeglightError for a transform
-    seglight does not know how to describe."""
-    name = type(transform).__name__
-    keys = list(transform.keys)
-    if name == "LoadCased":  # seglight's LoadImaged with friendlier errors, built with image_only=True
-        return {"_target_": "LoadImaged", "keys": keys, "image_only": True}
-    if isinstance(transform, mt.EnsureChannelFirstd):
-        adjuster = transform.adjuster
-        return {
-            "_target_": "EnsureChannelFirstd",
-            "keys": keys,
-            "strict_check": adjuster.strict_check,
-            "channel_dim": adjuster.input_channel_dim,
-        }
-    if isinstance(transform, mt.Orientationd):
-        orientation = transform.ornt_transform
-        return {
-            "_target_": "Orientationd",
-            "keys": keys,
-            "axcodes": orientation.axcodes,
-            "as_closest_canonical": orientation.as_closest_canonical,
-            "labels": _plain_value(orientation.labels),
-        }
-    if isinstance(transform, mt.Resized):
-        return {
-            "_target_": "Resized",
-            "keys": keys,
-            "spatial_size": _plain_value(transform.resizer.spatial_size),
-            "size_mode": transform.resizer.size_mode,
-            **_per_key(transform, "mode", "align_corners", "anti_aliasing", "anti_aliasing_sigma", "dtype"),
-        }
-    if isinstance(transform, mt.Spacingd):
-        spacing = transform.spacing_transform
-        return {
-            "_target_": "Spacingd",
-            "keys": keys,
-            "pixdim": _plain_value(spacing.pixdim),
-            "diagonal": spacing.diagonal,
-            "min_pixdim": _plain_value(spacing.min_pixdim),
-            "max_pixdim": _plain_value(spacing.max_pixdim),
-            "recompute_affine": spacing.recompute_affine,
-            "ensure_same_shape": transform.ensure_same_shape,
-            **_per_key(transform, "mode", "padding_mode", "align_corners", "dtype", "scale_extent"),
-        }
-    if isinstance(transform, mt.ScaleIntensityRanged):
-        scaler = transform.scaler
-        return {
-            "_target_": "ScaleIntensityRanged",
-            "keys": keys,
-            **{k: getattr(scaler, k) for k in ("a_min", "a_max", "b_min", "b_max", "clip")},
-            "dtype": _plain_value(scaler.dtype),
-        }
-    if isinstance(transform, mt.EnsureTyped):
-        converter = transform.converter
-        return {
-            "_target_": "EnsureTyped",
-            "keys": keys,
-            "data_type": converter.data_type,
-            "dtype": _plain_value(transform.dtype),
-            "track_meta": converter.track_meta,
-        }
-    raise SeglightError(f"format=bundle: seglight cannot describe its {name} transform in a bundle yet")
+    """A bundle config entry that builds ``transform`` again: the MONAI call the export JSON describes it by
+    (``seglight.data.transforms.monai_call``), in the bundle's syntax; SeglightError for a transform that is not
+    a step of prediction's preprocessing or has no MONAI class to build it."""
+    monai_class, settings = monai_call(transform)
+    if type(transform) not in STEPS or not monai_class.__module__.startswith("monai."):
+        raise SeglightError(
+            f"format=bundle: seglight cannot describe its {type(transform).__name__} transform in a bundle yet"
+        )
+    entry = {"_target_": monai_class.__name__, "keys": list(transform.keys)}
+    return {**entry, **{name: bundle_value(name, value) for name, value in settings.items()}}
 
 
-def _per_key(transform: Any, *names: str) -> dict[str, Any]:
-    return {name: _plain_value(getattr(transform, name)) for name in names}
+def bundle_value(name: str, value: Any) -> Any:
+    """A described setting in the bundle's syntax: a dtype (``float32``, ``torch.float16``) as the expression
+    that makes it (``$numpy.float32``, ``$torch.float16``); the others as they are."""
+    if name == "dtype" and isinstance(value, str):
+        module, _, dtype = value.rpartition(".")
+        return f"$torch.{dtype}" if module == "torch" else f"$numpy.{dtype}"
+    return value
 
 
 def _plain_value(value: Any) -> Any:
-    """A setting as JSON: sequences as lists, enums by value, NaN as null, dtypes as ``$numpy.x``/``$torch.x``."""
+    """A network setting as JSON: sequences as lists, NaN as null, numpy scalars as numbers, enums by value."""
     if isinstance(value, np.ndarray):
         value = value.tolist()
     if isinstance(value, list | tuple):
-        items = [_plain_value(v) for v in value]
-        return None if items and all(v is None for v in items) and len(items) == 1 else items
+        return [_plain_value(v) for v in value]
     if isinstance(value, float) and np.isnan(value):
         return None
     if isinstance(value, np.generic):
         return value.item()
     if hasattr(value, "value") and type(value).__module__.startswith("monai"):
-        return value.value  # a MONAI enum (InterpolateMode, GridSamplePadMode...)
-    if isinstance(value, torch.dtype):
-        return f"$torch.{str(value).rsplit('.', 1)[-1]}"
-    if isinstance(value, type) and issubclass(value, np.generic) or isinstance(value, np.dtype):
-        return f"$numpy.{np.dtype(value).name}"
+        return value.value  # a MONAI enum (Act, Norm...)
     return value
 
 

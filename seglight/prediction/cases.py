@@ -1,5 +1,9 @@
 """Predicting a list of inputs into an output folder, one case at a time, and the report of what was written and
-what failed: the work of ``python -m seglight.predict`` (and of ``seglight.evaluate``'s predictions)."""
+what failed: the work of ``python -m seglight.predict`` (and of ``seglight.evaluate``'s predictions).
+
+Each mask is written as NIfTI (``<case>.nii.gz``) and, for a DICOM series, as a DICOM Segmentation of it
+(``<case>.dcm``, ``seglight.prediction.dicom_seg``), as ``output_format`` says.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,28 @@ import numpy as np
 from seglight.core.errors import ConfigError, DataError, find_user_error, first_line
 from seglight.core.io import atomic_path
 from seglight.data.remote import RemoteCache, default_cache_dir, is_remote
+from seglight.prediction.dicom_seg import require_highdicom, write_dicom_seg
 from seglight.prediction.inputs import InputCase, list_inputs
 from seglight.prediction.predictor import Predictor
 from seglight.training.checkpoints import model_checkpoints
 
 log = logging.getLogger("seglight")
+
+NIFTI, DICOM_SEG = "nifti", "dicom_seg"
+OUTPUT_FORMATS = (NIFTI, DICOM_SEG)
+
+
+def output_formats(value: Any) -> list[str]:
+    """``output_format=`` as a list of formats, checked: ``nifti``, ``dicom_seg``, or a list of them."""
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, Sequence) else [value]
+    formats = [str(item).strip().lower() for item in items if item is not None and str(item).strip()]
+    unknown = [f for f in formats if f not in OUTPUT_FORMATS]
+    if unknown or not formats:
+        raise ConfigError(
+            f"output_format={value}: {'not a format' if not unknown else repr(unknown[0]) + ' is not a format'}; "
+            f"use {', '.join(OUTPUT_FORMATS)} or a list of them, e.g. output_format=[nifti,dicom_seg]"
+        )
+    return list(dict.fromkeys(formats))
 
 
 def _localize(image: str | list[str], store: RemoteCache) -> str | list[str]:
@@ -41,8 +62,9 @@ class PredictionReport:
     """What a prediction run wrote and what it could not do."""
 
     output: Path
-    written: dict[str, Path] = field(default_factory=dict)
+    written: dict[str, Path] = field(default_factory=dict)  # case -> its mask (NIfTI, else DICOM SEG)
     failed: dict[str, str] = field(default_factory=dict)  # case -> what went wrong, naming the file
+    dicom_seg: dict[str, Path] = field(default_factory=dict)  # case -> its DICOM SEG, when written
 
     def raise_for_failures(self) -> None:
         """A DataError naming every input that could not be predicted, if any."""
@@ -59,36 +81,49 @@ def predict_cases(
     output: str | Path,
     save_probabilities: bool = False,
     store: RemoteCache | None = None,
+    formats: Sequence[str] = (NIFTI,),
 ) -> PredictionReport:
     """Predict each case into ``output/<case>.nii.gz`` (and ``output/probabilities/``), one failure at a time.
 
-    A case that cannot be read or used is logged and recorded, and the others are still predicted.
+    ``formats`` (``output_formats``): ``dicom_seg`` also (or instead) writes ``output/<case>.dcm`` for a case
+    that is a DICOM series. A case that cannot be read or used is logged and recorded, naming its file as the
+    user gave it (a URL, a DICOM series), and the others are still predicted.
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     report = PredictionReport(output=output)
     store = store or RemoteCache()
+    labels = predictor.models[0].task()["label_names"]
     for number, case in enumerate(cases, start=1):
         started = time.perf_counter()
+        image = case.image
         try:
             image = _localize(case.image, store)
             result = predictor.predict_case(image, keep_probabilities=save_probabilities)
+            if DICOM_SEG in formats and case.series is not None:
+                seg = output / f"{case.case_id}.dcm"
+                write_dicom_seg(
+                    result.mask, result.reference.affine, case.series, seg, labels, _model_name(predictor)
+                )
+                report.dicom_seg[case.case_id] = seg
         except Exception as exc:  # one bad scan (unreadable, too large for memory...) must not stop the rest
             user_error = find_user_error(exc)  # MONAI's Compose wraps the DataError our loader raises
             if user_error is not None:
-                why = first_line(user_error)  # it names the file
+                why = _as_given(first_line(user_error), image, case)  # it names the file
                 log.error("[%d/%d] %s: FAILED: %s", number, len(cases), case.case_id, why)
             else:
                 why = f"{case.first_file}: {type(exc).__name__}: {first_line(exc)}"
                 log.exception("[%d/%d] %s: FAILED: %s", number, len(cases), case.case_id, why)
             report.failed[case.case_id] = why
             continue
-        target = output / f"{case.case_id}.nii.gz"
-        save_nifti(result.mask_image(), target)
+        written = [report.dicom_seg[case.case_id]] if case.case_id in report.dicom_seg else []
+        if NIFTI in formats or not written:  # a scan that is no DICOM series has its NIfTI mask at least
+            written.insert(0, output / f"{case.case_id}.nii.gz")
+            save_nifti(result.mask_image(), written[0])
         probabilities = result.probability_image()
         if probabilities is not None:
             save_nifti(probabilities, output / "probabilities" / f"{case.case_id}.nii.gz")
-        report.written[case.case_id] = target
+        report.written[case.case_id] = written[0]
         found = ", ".join(str(v) for v in np.unique(result.mask) if v != 0) or "none"
         log.info(
             "[%d/%d] %s: %s -> %s (labels: %s, %.1f s)",
@@ -96,11 +131,27 @@ def predict_cases(
             len(cases),
             case.case_id,
             "x".join(map(str, result.mask.shape)),
-            target,
+            ", ".join(map(str, written)),
             found,
             time.perf_counter() - started,
         )
     return report
+
+
+def _as_given(message: str, local: str | list[str], case: InputCase) -> str:
+    """``message`` naming the case's files as the user gave them: the series, not its converted volume; the URL,
+    not its downloaded copy."""
+    copies = [local] if isinstance(local, str) else list(local)
+    given = [case.image] if isinstance(case.image, str) else list(case.image)
+    for copy, original in zip(copies, given, strict=False):
+        message = message.replace(copy, case.source or original) if copy else message
+    return message
+
+
+def _model_name(predictor: Predictor) -> str:
+    """What made the masks, as a DICOM SEG names it: the checkpoint's file name, or the ensemble's size."""
+    models = predictor.models
+    return Path(models[0].name).name if len(models) == 1 else f"ensemble of {len(models)} models"
 
 
 def predict(
@@ -117,12 +168,17 @@ def predict(
     cache_dir: str | Path | None = None,
     endpoint_url: str | None = None,
     image_pattern: str | Sequence[str] | None = None,
+    output_format: str | Sequence[str] = NIFTI,
 ) -> PredictionReport:
     """Segment every image of ``input`` with the model(s) of ``ckpt`` into ``output`` (see ``seglight.predict``).
 
     ``ckpt`` is a checkpoint file, a run folder, a folder of runs (the folds of a cross-validation) or a list of
-    these; several models are an ensemble whose probabilities are averaged.
+    these; several models are an ensemble whose probabilities are averaged. ``output_format``: ``nifti``,
+    ``dicom_seg`` (for DICOM series: a DICOM Segmentation of each) or a list of both.
     """
+    formats = output_formats(output_format)
+    if DICOM_SEG in formats:
+        require_highdicom()  # before any model is loaded
     predictor = Predictor(
         model_checkpoints(ckpt),
         inference=inference,
@@ -131,18 +187,24 @@ def predict(
         amp=amp,
         largest_component=largest_component,
     )
-    store = RemoteCache(
-        cache_dir=Path(cache_dir).expanduser() / "remote" if cache_dir else default_cache_dir() / "remote",
-        endpoint_url=endpoint_url,
-    )
+    caches = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    store = RemoteCache(cache_dir=caches / "remote", endpoint_url=endpoint_url)
     settings = dict(predictor.models[0].data)
     if image_pattern is not None:  # subject folders laid out otherwise than the training data
         settings.update(layout="folder", image_pattern=image_pattern)
-    listed = list_inputs(input, settings, datalist_key, store, channels=predictor.in_channels)
+    listed = list_inputs(
+        input, settings, datalist_key, store, channels=predictor.in_channels, dicom_cache_dir=caches / "dicom"
+    )
+    if DICOM_SEG in formats and not any(case.series is not None for case in listed):
+        raise ConfigError(
+            f"output_format=dicom_seg: input={input} holds no DICOM series, and a DICOM SEG is made of the series "
+            "it segments; give a folder, s3:// prefix or .zip of DICOM files (or a datalist of series folders), "
+            "or use output_format=nifti"
+        )
     cases = [case for case in listed if case.problem is None]
     _check_no_overwrite(cases, Path(output))
     log.info("Predicting %d image(s) with %s", len(cases), predictor.describe())
-    report = predict_cases(predictor, cases, output, save_probabilities, store)
+    report = predict_cases(predictor, cases, output, save_probabilities, store, formats)
     for case in listed:
         if case.problem is not None:  # a subject folder without a channel, say: named, the others written
             log.error("%s: FAILED: %s", case.case_id, case.problem)

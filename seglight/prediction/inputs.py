@@ -2,8 +2,10 @@
 in training, with the data settings a model was trained with (image keys, layout, patterns).
 
 ``input=`` may be a NIfTI file, a plain folder (or ``s3://`` prefix) of them, subject folders, a dataset folder
-(holding ``dataset.json``), a ``dataset.json``, or a JSON/CSV datalist; which one it is, ``seglight.data.layouts``
-tells, as for training, evaluation and SageMaker channels. Labels are never required.
+(holding ``dataset.json``), a ``dataset.json``, a JSON/CSV datalist, or DICOM series (a folder, ``s3://`` prefix or
+``.zip`` of DICOM files: every series one case, converted to NIfTI by ``seglight.data.dicom``); which one it is,
+``seglight.data.layouts`` tells, as for training, evaluation and SageMaker channels. A datalist's image entries may
+be series folders, converted as training converts them. Labels are never required.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from seglight.data.datalists import (
     read_nnunet_datalist,
     resolve_datalist,
 )
+from seglight.data.dicom import DicomSeries, dicom_volumes, entry_volumes, is_series_entry
 from seglight.data.folders import (
     DEFAULT_IMAGE_PATTERN,
     DEFAULT_LABEL_PATTERN,
@@ -34,6 +37,7 @@ from seglight.data.folders import (
 from seglight.data.layouts import (
     DATALIST,
     DATASET,
+    DICOM,
     FILES,
     IMAGE_FILE,
     Layout,
@@ -49,17 +53,22 @@ class InputCase:
     """One image to segment: its case id (the output file's stem), its file(s), and its label if it has one.
 
     ``problem`` says why the case cannot be predicted (a subject folder without one of its channels, say);
-    such a case is reported as failed rather than predicted.
+    such a case is reported as failed rather than predicted. A DICOM series' case comes with its ``series`` (its
+    image is the series converted to NIfTI) and the ``source`` that messages name instead of the converted file.
     """
 
     case_id: str
     image: str | list[str]
     label: str | None = None
     problem: str | None = None
+    series: DicomSeries | None = None
+    source: str | None = None
 
     @property
     def first_file(self) -> str:
-        """The image's (first channel's) file, to name the case in messages."""
+        """What names the case in messages: its source, else the image's (first channel's) file."""
+        if self.source is not None:
+            return self.source
         return self.image if isinstance(self.image, str) else self.image[0]
 
 
@@ -69,6 +78,7 @@ def list_inputs(
     datalist_key: str | None = None,
     store: RemoteCache | None = None,
     channels: int | None = None,
+    dicom_cache_dir: str | Path | None = None,
 ) -> list[InputCase]:
     """The cases to predict from ``source``, local or ``s3://``, read as the model's training data was read.
 
@@ -82,8 +92,10 @@ def list_inputs(
             trained on takes its relative paths from the same ``root``).
         datalist_key: the list of a dataset.json or JSON datalist to predict.
         channels: the model's input channels, when known, to tell nnU-Net channel files from numbered cases.
+        dicom_cache_dir: where DICOM series are converted to NIfTI (default: seglight's cache).
 
-    Remote files are not fetched here; prediction fetches them one case at a time.
+    Remote NIfTI files are not fetched here; prediction fetches them one case at a time. DICOM series are read and
+    converted here (their headers tell what the cases are); a series that is no volume is a failed case.
     """
     data = dict(data or {})
     store = store or RemoteCache()
@@ -103,13 +115,53 @@ def list_inputs(
     )
     if layout.kind == IMAGE_FILE:
         return [InputCase(case_id_of(layout.path), layout.path)]
+    if layout.kind == DICOM:
+        return _series_inputs(layout.path, store, dicom_cache_dir)
     if layout.kind == DATASET:
-        return _dataset_inputs(layout, data, datalist_key, store)
+        return _with_series_converted(
+            _dataset_inputs(layout, data, datalist_key, store), store, dicom_cache_dir
+        )
     if layout.kind == DATALIST:
-        return _datalist_inputs(layout.path, data, datalist_key, store)
+        cases = _datalist_inputs(layout.path, data, datalist_key, store)
+        return _with_series_converted(cases, store, dicom_cache_dir)
     if layout.kind == FILES:
         return _plain_folder_inputs(layout.path, list(layout.files), channels)
     return _subject_inputs(layout.subjects or FolderCases([], []))
+
+
+def _series_inputs(source: str, store: RemoteCache, cache_dir: str | Path | None) -> list[InputCase]:
+    """One case per DICOM series of ``source``, converted; a series that is no volume as a failed case."""
+    converted = dicom_volumes(source, store, cache_dir, log_skipped=False)  # reported as failed cases
+    cases = []
+    for case_id, series in converted.series.items():
+        problem = converted.skipped.get(case_id)
+        image = str(converted.volumes[case_id]) if problem is None else series.first_file
+        cases.append(InputCase(case_id, image, problem=problem, series=series, source=series.describe()))
+    return cases
+
+
+def _with_series_converted(
+    cases: list[InputCase], store: RemoteCache, cache_dir: str | Path | None
+) -> list[InputCase]:
+    """The cases with every image entry that is a DICOM series folder replaced by its NIfTI volume, as training
+    reads them (``seglight.data.dicom.entry_volumes``); one that holds no single volume is a failed case."""
+    paths = [p for c in cases for p in ([c.image] if isinstance(c.image, str) else c.image)]
+    series = [p for p in paths if is_series_entry(p)]
+    if not series:
+        return cases
+    converted, problems = entry_volumes(series, store, cache_dir)
+    for case in cases:
+        files = [case.image] if isinstance(case.image, str) else list(case.image)
+        wrong = [problems[f] for f in files if f in problems]
+        if wrong:
+            case.problem = "; ".join(wrong)
+            continue
+        if any(f in converted for f in files):
+            case.source = files[0]
+            case.series = converted[files[0]][0] if files[0] in converted else None  # the DICOM SEG's source
+            local = [str(converted[f][1]) if f in converted else f for f in files]
+            case.image = local[0] if isinstance(case.image, str) else local
+    return cases
 
 
 def _dataset_inputs(

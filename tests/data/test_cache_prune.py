@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -12,8 +14,9 @@ import torch
 
 from seglight import SegDataModule
 from seglight.data.caching.files import cache_entries, hold
+from seglight.data.dicom import dicom_volumes
 from seglight.data.remote import RemoteCache
-from tests.helpers import make_msd_dataset, run_cli
+from tests.helpers import AXIAL, make_msd_dataset, nifti_with_affine, run_cli, write_dicom_series
 
 WEEK = 7 * 24 * 3600
 
@@ -103,3 +106,34 @@ def test_cache_max_gb_removes_least_recently_used_first(tmp_path: Path) -> None:
     assert not oldest.exists() and newer.exists()
     assert len(cache_entries(cache / "preprocessed", "preprocessed")) == 4
     hold(cache / "preprocessed").release()
+
+
+def test_the_dicom_cache_is_listed_and_pruned_as_the_others(tmp_path: Path) -> None:
+    """Converted series and extracted zips are entries of a third cache, ``dicom``: least recently used first,
+    and never what a running run (here, this process: it converted them) has used since it started."""
+    cache = tmp_path / "cache"
+    dicom = cache / "dicom"
+    image = nifti_with_affine((20, 18, 16), AXIAL)
+    write_dicom_series(tmp_path / "old", image, series_number=3)
+    old = dicom_volumes(tmp_path / "old", cache_dir=dicom).volumes.popitem()[1].parent
+    last_used_a_week_ago([old])  # converted by a run that ended a week ago
+    write_dicom_series(tmp_path / "study" / "ct", image, series_number=4)
+    archive = Path(shutil.make_archive(str(tmp_path / "study"), "zip", tmp_path / "study"))
+    dicom_volumes(archive, cache_dir=dicom)  # extracted, then converted: two entries of this run
+    env = f"paths.cache_dir={cache}"
+
+    info = run_cli("seglight.cache", "info", env)
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert re.search(
+        rf"dicom +{re.escape(str(dicom))}: 3 entries, .*\n  in use by pid {os.getpid()}", info.stdout
+    )
+    assert len(cache_entries(dicom, "dicom")) == 3
+
+    pruned = run_cli("seglight.cache", "prune", "max_gb=0", env)
+    assert "Removed 1 entries" in pruned.stdout and not old.exists()
+    kept = {e.path.relative_to(dicom).parts[0] for e in cache_entries(dicom, "dicom")}
+    assert "zip" in kept and len(kept) == 2  # the zip's folder and the series converted from it
+
+    hold(dicom).release()  # this run ends
+    cleared = run_cli("seglight.cache", "clear", env)
+    assert "Removed 2 entries" in cleared.stdout and not cache_entries(dicom, "dicom")

@@ -4,6 +4,7 @@ cannot be volumes skipped with their reason while the others convert."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -16,10 +17,12 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from seglight import SegDataModule
 from seglight.core.errors import DataError
 from seglight.data.dicom import dicom_volume, dicom_volumes, find_series, is_dicom_source, series_volume
 from seglight.data.dicom_geometry import NotAVolume
 from seglight.data.remote import RemoteCache
+from seglight.prediction.cases import predict
 from tests.helpers import (
     AXIAL,
     CORONAL,
@@ -29,6 +32,7 @@ from tests.helpers import (
     as_dicom_orders,
     nifti_with_affine,
     oblique,
+    run_cli,
     run_command,
     write_dicom_series,
     write_nifti,
@@ -303,3 +307,104 @@ def test_a_series_folder_is_one_volume_as_a_datalist_entry_needs(tmp_path: Path)
         DataError, match=r"ct: holds 2 series that are volumes .*; give the folder of one series"
     ):
         dicom_volume(tmp_path / "study" / "ct", cache_dir=tmp_path / "cache")
+
+
+# -- training data from DICOM: a datalist whose image entries are series folders ---------------------------------
+
+
+def dicom_datalist(root: Path, patients: int = 4) -> Path:
+    """``root/patient_<i>/ct/`` (a coronal CT series) with ``label.nii.gz`` beside it on the series' grid, and
+    ``root/train.json`` naming them (paths relative to it)."""
+    entries = []
+    for number in range(patients):
+        image = nifti_with_affine(SHAPE, CORONAL, seed=number)
+        label = np.zeros(SHAPE, np.uint8)
+        label[2:8, 3:9, 2:6] = 1  # the bright cube
+        write_dicom_series(root / f"patient_{number}" / "ct", image, patient_id=f"P{number}")
+        nib.save(
+            as_dicom_orders(nib.Nifti1Image(label, CORONAL)), root / f"patient_{number}" / "label.nii.gz"
+        )
+        entries.append({"image": f"patient_{number}/ct", "label": f"patient_{number}/label.nii.gz"})
+    datalist = {"labels": {"0": "background", "1": "cube"}, "training": entries}
+    (root / "train.json").write_text(json.dumps(datalist))
+    return root / "train.json"
+
+
+@pytest.mark.slow
+def test_training_from_a_datalist_of_series_folders(tmp_path: Path) -> None:
+    datalist = dicom_datalist(tmp_path / "data")
+    run = tmp_path / "run"
+
+    result = run_cli(
+        "seglight.train",
+        "data=datalist",
+        f"data.datalist={datalist}",
+        "data.spatial_size=[16,16,8]",
+        "data.num_workers=0",
+        "model.init_filters=8",
+        "trainer.max_epochs=1",
+        "logger=none",
+        f"hydra.run.dir={run}",
+        cache=tmp_path / "cache",
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DICOM series: 4 of 4 converted to NIfTI volumes" in (run / "train.log").read_text()
+    split = json.loads((run / "split.json").read_text())
+    assert sorted(split["train"] + split["val"]) == [f"patient_{n}" for n in range(4)]
+    converted = sorted((tmp_path / "cache" / "dicom").glob("*@*/*.nii.gz"))
+    assert sorted(p.name for p in converted) == [f"P{n}_20240102_series3.nii.gz" for n in range(4)]
+    # Prediction reads the datalist the model was trained on as training did: the same cases, the same grids.
+    report = predict(
+        run / "checkpoints" / "last.ckpt",
+        datalist,
+        tmp_path / "masks",
+        device="cpu",
+        output_format=["nifti", "dicom_seg"],
+        cache_dir=tmp_path / "cache",
+    )
+    assert sorted(report.written) == sorted(report.dicom_seg) == [f"patient_{n}" for n in range(4)]
+    assert not report.failed
+    (series,) = find_series(datalist.parent / "patient_0" / "ct")
+    seg = pydicom.dcmread(report.dicom_seg["patient_0"])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.uid
+    for number in range(4):
+        mask, label = (
+            nib.load(report.written[f"patient_{number}"]),
+            nib.load(datalist.parent / f"patient_{number}" / "label.nii.gz"),
+        )
+        assert mask.shape == label.shape and np.abs(mask.affine - label.affine).max() < 1e-4
+
+
+def test_the_check_names_the_series_folder_that_is_no_volume_or_whose_label_is_off_its_grid(
+    tmp_path: Path,
+) -> None:
+    datalist = dicom_datalist(tmp_path / "data", patients=3)
+    sorted((tmp_path / "data" / "patient_1" / "ct").glob("*.dcm"))[4].unlink()  # a missing slice
+    off_grid = tmp_path / "data" / "patient_2" / "label.nii.gz"
+    label = nib.load(off_grid)
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), label.affine @ np.diag([1, 1, -1, 1])), off_grid)
+    data = SegDataModule(
+        datalist=str(datalist),
+        num_workers=0,
+        dicom_cache_dir=str(tmp_path / "cache"),
+        spatial_size=[16, 16, 8],
+    )
+
+    # The network is sized from the first series' geometry, as from a NIfTI scan's header (before setup): in RAS,
+    # 20 x 16 x 18 voxels of 0.7 x 2 x 0.9 mm, resized to 16 x 16 x 8.
+    assert data.network_input().spacing == pytest.approx([0.7 * 20 / 16, 2.0 * 16 / 16, 0.9 * 18 / 8])
+
+    _, report = data.inspect()
+
+    errors = {f.path: f.message for f in report.findings if f.severity == "error"}
+    series = str(tmp_path / "data" / "patient_1" / "ct")
+    assert errors[series].startswith(
+        "holds no DICOM series that is a volume (P1_20240102_series3 (CT series 3 'test series 3', 15 images): "
+        "1 missing slice(s)"
+    )
+    # The integrity check compares the label with the converted volume, and names the series folder.
+    assert errors[str(off_grid)].startswith(
+        f"affine differs from the image {tmp_path / 'data' / 'patient_2' / 'ct'}'s"
+    )
+    assert sorted(errors) == sorted([series, str(off_grid)])

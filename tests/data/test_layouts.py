@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,15 @@ from seglight.data.layouts import find_layout
 from seglight.evaluation.ground_truth import ground_truth
 from seglight.prediction.inputs import list_inputs
 from seglight.sagemaker.channels import find_data
-from tests.helpers import S3, make_msd_dataset, make_subject_folders, write_nifti
+from tests.helpers import (
+    AXIAL,
+    S3,
+    make_msd_dataset,
+    make_subject_folders,
+    nifti_with_affine,
+    write_dicom_series,
+    write_nifti,
+)
 
 SHAPE = (20, 20, 12)
 
@@ -332,3 +341,32 @@ def test_a_folder_read_from_an_s3_prefix_is_read_as_the_same_local_folder(
         assert remote["training"]["case_0" if name == "msd" else "subj_000"].startswith(f"{url}/")
     with pytest.raises(DataError, match=r"input=s3://layouts/nothing: no such object or prefix"):
         list_inputs("s3://layouts/nothing")
+
+
+def test_dicom_series_are_one_more_kind_of_what_a_path_holds(tmp_path: Path, s3: S3) -> None:
+    """A folder (at any depth), a zip or an s3:// prefix of DICOM files is ``dicom``: prediction reads each series
+    as a case; callers that read only NIfTI refuse it as any folder without what they expected."""
+    study = tmp_path / "export" / "study"
+    files = write_dicom_series(study / "ct", nifti_with_affine((20, 18, 16), AXIAL), series_number=3)
+    write_dicom_series(study / "mr", nifti_with_affine((20, 18, 16), AXIAL, seed=1), series_number=7)
+    (study / "README.txt").write_text("from the PACS")
+    archive = tmp_path / "study.zip"
+    shutil.make_archive(str(archive.with_suffix("")), "zip", study)
+    url = s3.upload(study, "dicom-layouts", "study")
+
+    for path in (tmp_path / "export", study, archive, url):
+        assert find_layout(str(path)).kind == "dicom", path
+        cases = list_inputs(path, dicom_cache_dir=tmp_path / "cache")
+        assert [c.case_id for c in cases] == ["PAT1_20240102_series3", "PAT1_20240102_series7"]
+        assert all(c.problem is None and c.image.endswith(f"{c.case_id}.nii.gz") for c in cases)
+    assert find_layout(str(files[0])).kind == "dicom"  # one file of a series: its series, a single image
+    # A NIfTI folder stays a folder of NIfTI files, even with a DICOM file in it.
+    write_nifti(tmp_path / "mixed" / "scan.nii.gz", np.zeros((4, 4, 4), np.float32))
+    shutil.copy(files[0], tmp_path / "mixed" / "IM0001.dcm")
+    assert find_layout(str(tmp_path / "mixed")).kind == "files"
+    with pytest.raises(
+        DataError, match=r"gt=.*study holds nothing seglight can read \(README.txt, ct/, mr/\)"
+    ):
+        ground_truth(study)
+    with pytest.raises(DataError, match=r"dataset.json: not found"):
+        SegDataModule(root=str(study)).read_cases()

@@ -19,8 +19,10 @@ import torch
 from monai import transforms as mt
 
 from seglight.core.errors import ConfigError, SeglightError
-from seglight.exporting.bundle import SCHEMA_FILE, export_bundle, transform_config
+from seglight.data.transforms import describe_steps
+from seglight.exporting.bundle import SCHEMA_FILE, bundle_value, export_bundle, transform_config
 from seglight.prediction.cases import predict
+from seglight.prediction.models import preprocessing
 from tests.helpers import run_cli, run_command, tiny_checkpoint
 
 PATCH = [
@@ -196,3 +198,22 @@ def test_a_new_export_replaces_a_bundle_and_refuses_other_folders(binary_ckpt: P
 def test_a_transform_seglight_cannot_describe_stops_the_export() -> None:
     with pytest.raises(SeglightError, match="cannot describe its RandFlipd transform"):
         transform_config(mt.RandFlipd(keys="image", prob=0.5))
+
+
+@pytest.mark.parametrize(
+    "settings", [{"spatial_size": [16, 16, 8]}, {"mode": "patch", "target_spacing": [1.2, 1.2, 1.5]}]
+)
+def test_bundle_entries_are_the_export_json_steps_in_the_bundle_syntax(settings: dict) -> None:
+    """One describer: each bundle entry is the MONAI call the export JSON names for that step, with the same
+    arguments, dtypes written as the expressions that make them."""
+    pipeline = preprocessing(settings)
+    for step, transform in zip(describe_steps(pipeline), pipeline, strict=True):
+        entry = transform_config(transform)
+        assert step["monai"].startswith(f"{entry.pop('_target_')}(keys={entry.pop('keys')!r}")
+        described = {k: v for k, v in step.items() if k not in ("step", "what", "monai")}
+        assert entry == {k: bundle_value(k, v) for k, v in described.items()}
+    load = transform_config(pipeline[0])
+    assert (
+        load["_target_"] == "LoadImaged" and load["image_only"] is True
+    )  # what seglight's loader was made with
+    assert transform_config(pipeline[-1])["dtype"] == "$numpy.float32"

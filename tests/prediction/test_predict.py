@@ -12,21 +12,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from seglight import SegDataModule, SegModule, compose, predict_volume
+from seglight import SegModule, compose, predict_volume
 from seglight.core.errors import ConfigError, DataError
 from seglight.prediction.cases import predict
 from seglight.prediction.inputs import list_inputs
 from seglight.prediction.models import load_module
 from seglight.prediction.predictor import Predictor
 from seglight.training.checkpoints import safe_load
-from tests.helpers import S3, run_script
+from tests.helpers import S3, block_label, intensity_checkpoint, run_script
 
 SIZE = [16, 16, 16]
 # Label value -> intensity (the window is -1000..1000, so 0, 0.5 and 1 after windowing).
@@ -52,16 +51,6 @@ GEOMETRIES = {
 }
 
 
-def block_label(shape: tuple[int, ...], values: tuple[int, int] = (1, 1)) -> np.ndarray:
-    """Two boxes with even start and stop on every axis; no flip or axis swap maps the label onto itself."""
-    label = np.zeros(shape, dtype=np.uint8)
-    a = tuple(slice(n // 8, 3 * n // 8) for n in shape)
-    b = (slice(5 * shape[0] // 8, 7 * shape[0] // 8), a[1], slice(5 * shape[2] // 8, 6 * shape[2] // 8))
-    label[a] = values[0]
-    label[b] = values[1]
-    return label
-
-
 def write_case(folder: Path, name: str, shape, affine, values=(1, 1), hu=BINARY_HU) -> tuple[Path, Path]:
     label = block_label(shape, values)
     image = np.vectorize(hu.get)(label).astype(np.float32)
@@ -71,41 +60,6 @@ def write_case(folder: Path, name: str, shape, affine, values=(1, 1), hu=BINARY_
     nib.save(nib.Nifti1Image(image, affine), image_path)
     nib.save(nib.Nifti1Image(label, affine), label_path)
     return image_path, label_path
-
-
-def intensity_checkpoint(path: Path, cases: list[dict[str, str]], classes: int) -> Path:
-    """A real Lightning checkpoint (1 epoch at lr 0) of a network that maps windowed intensity to the label."""
-    conv = {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": classes, "kernel_size": 1}
-    datamodule = SegDataModule(
-        datalist=cases, spatial_size=SIZE, num_workers=0, batch_size=1, cache="none", val_fraction=0.5
-    )
-    module = SegModule(
-        net=conv,
-        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.0},
-        label_names={0: "background", 1: "organ"} if classes == 1 else {0: "background", 1: "a", 2: "b"},
-        metrics={"hd95": False},
-        data=datamodule.prediction_settings(),  # as seglight.build saves it
-    )
-    with torch.no_grad():
-        if classes == 1:  # sigmoid(20 x - 10): foreground where x (0 or 1 here) is bright
-            weights, bias = [20.0], [-10.0]
-        else:  # argmax of three lines in x: 0 at x=0, 1 at x=0.5, 2 at x=1
-            weights, bias = [-20.0, 0.0, 20.0], [5.0, 0.0, -15.0]
-        module.net.weight.copy_(torch.tensor(weights).reshape(classes, 1, 1, 1, 1))
-        module.net.bias.copy_(torch.tensor(bias))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=datamodule)
-    trainer.save_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -114,12 +114,13 @@ def on_gpu(dataset: Dataset | None) -> bool:
     )
 
 
-def limit_caches(cache: CacheSettings, remote_dir: Any) -> None:
-    """Prune the disk and remote-file caches to ``data.cache_max_gb``, least recently used first."""
+def limit_caches(cache: CacheSettings, remote_dir: Any, dicom_dir: Any) -> None:
+    """Prune the disk, remote-file and DICOM caches to ``data.cache_max_gb``, least recently used first."""
     if cache.cache_max_gb is None:
         return
     limit = int(cache.cache_max_gb * GB)
-    result = prune({"preprocessed": cache.preprocessed_dir, "remote": remote_dir}, limit)
+    roots = {"preprocessed": cache.preprocessed_dir, "remote": remote_dir, "dicom": dicom_dir}
+    result = prune(roots, limit)
     if result.removed:
         log.info(
             "Caches over data.cache_max_gb=%g: removed %d least recently used entries (%s), %s kept",

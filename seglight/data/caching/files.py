@@ -1,7 +1,9 @@
 """The on-disk caches as files: when each entry was last used, which runs use them now, least-recently-used pruning.
 
-Two caches hold files: the preprocessing cache (``data.cache=disk``: one ``<key>.pt`` per case and setting) and the
-remote object cache (one ``<name>@<version>/`` folder per downloaded object). Reading a file does not reliably
+Three caches hold files: the preprocessing cache (``data.cache=disk``: one ``<key>.pt`` per case and setting), the
+remote object cache (one ``<name>@<version>/`` folder per downloaded object) and the DICOM cache (one
+``<series>@<where>-<version>/`` folder per converted series, one ``zip/<name>@<version>/`` folder per extracted zip).
+Reading a file does not reliably
 update its access time (``noatime`` and ``relatime`` mounts), so seglight records each use itself: it sets the
 entry's access time explicitly, and keeps its modification time (which the preprocessing cache's keys read).
 
@@ -34,7 +36,7 @@ except ImportError:  # Windows: leases cannot be told alive from stale, so every
 USE_RESOLUTION_S = 60.0  # an entry's use is recorded at most once a minute (a stat and a utime per read)
 STALE_TEMP_S = 24 * 3600.0  # a temporary file this old belongs to a write that was killed
 LEASES = ".leases"
-CACHE_KINDS = ("preprocessed", "remote")
+CACHE_KINDS = ("preprocessed", "remote", "dicom")
 GB = 1e9
 
 
@@ -61,7 +63,7 @@ class Entry:
 
 
 def cache_entries(root: Path, kind: str) -> list[Entry]:
-    """The entries of the cache folder ``root`` (``kind``: ``preprocessed`` or ``remote``), temporary files aside."""
+    """The entries of the cache folder ``root`` (``kind``: one of ``CACHE_KINDS``), temporary files aside."""
     if kind not in CACHE_KINDS:
         raise ValueError(f"unknown cache kind {kind!r}")
     root = Path(root).expanduser()
@@ -79,8 +81,7 @@ def cache_entries(root: Path, kind: str) -> list[Entry]:
             continue
         if not file.is_file():
             continue
-        # A downloaded object lives in a <name>@<version> folder; the folder is the entry.
-        unit = file.parent if kind == "remote" and "@" in file.parent.name else file
+        unit = _unit(file, root, kind) if kind != "preprocessed" else file
         entry = grouped.setdefault(unit, Entry(kind, unit, 0, 0.0))
         entry.bytes += stat.st_size
         entry.last_used = max(entry.last_used, stat.st_atime, stat.st_mtime)
@@ -238,6 +239,16 @@ def prune(roots: Mapping[str, str | Path], max_bytes: int) -> PruneResult:
         result.removed_bytes += entry.bytes
     result.kept_bytes = total
     return result
+
+
+def _unit(file: Path, root: Path, kind: str) -> Path:
+    """The entry a file of the remote or DICOM cache belongs to: a downloaded object's ``<name>@<version>``
+    folder; a converted series' folder; an extracted zip's folder, with everything in it."""
+    if kind == "remote":
+        return file.parent if "@" in file.parent.name else file
+    parts = file.relative_to(root).parts
+    depth = 2 if parts[0] == "zip" else 1
+    return root.joinpath(*parts[:depth]) if len(parts) > depth else file
 
 
 def _remove(entry: Entry, root: Path) -> None:
