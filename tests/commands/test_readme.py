@@ -25,7 +25,7 @@ PLACEHOLDERS = {
 def readme_commands() -> list[tuple[str, list[str]]]:
     """(command, overrides) of every ``python -m seglight.<command> ...`` in the README's code blocks."""
     text = (REPO / "README.md").read_text()
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
+    blocks = re.findall(r"```[\w-]*\n(.*?)```", text, re.S)
     found = []
     for block in blocks:
         for match in COMMAND.finditer(block):
