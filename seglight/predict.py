@@ -46,8 +46,10 @@ def run(cfg: DictConfig) -> PredictionReport:
         cache_dir=cfg.paths.cache_dir,
         endpoint_url=cfg.get("endpoint_url"),
         image_pattern=plain(cfg.get("image_pattern")),
+        overwrite=bool(cfg.get("overwrite", False)),
     )
-    print(f"Wrote {len(report.written)} mask(s) to {report.output}", flush=True)
+    kept = f" (kept {len(report.kept)} finished earlier)" if report.kept else ""
+    print(f"Wrote {len(report.written)} mask(s) to {report.output}{kept}", flush=True)
     report.raise_for_failures()
     return report
 

@@ -5,6 +5,13 @@ is a hash of the object's ETag (or modification time) and size: a changed object
 again, an unchanged one is a cache hit. Downloads go to a temporary name in the same folder and are renamed into
 place only when complete, under a file lock, so several DataLoader workers, threads or ranks can share one cache.
 
+A flaky store is ridden out in three layers: botocore retries each request (``standard`` mode, 5 attempts, with
+exponential backoff) when the store answers 500/503/``SlowDown`` or the connection fails; s3fs resumes a body
+read that breaks or stalls (``read_timeout``) with a Range request; and a download that still fails is resumed
+here from where its partial file stopped, ``RemoteCache.attempts`` times in all, before one line names the object.
+The first two are the clients' own settings (``data.remote.options.config_kwargs``, ``retries``) and can be
+changed there.
+
 Credentials come from the standard AWS chain (environment, ``AWS_PROFILE``, instance role); an S3-compatible store
 is reached through ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` or ``data.remote.endpoint_url``. Nothing here
 stores or prints a secret.
@@ -20,14 +27,15 @@ import posixpath
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seglight.core.errors import ConfigError, DataError, first_line
-from seglight.core.io import atomic_path
+from seglight.core.errors import ConfigError, DataError, DiskFullError, first_line
+from seglight.core.io import atomic_path, is_disk_full
 from seglight.data.caching.files import record_use
 
 log = logging.getLogger("seglight")
@@ -35,6 +43,19 @@ log = logging.getLogger("seglight")
 DOWNLOAD_THREADS = 8  # downloads wait on the network, not the CPU
 SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key"}
 SECRET_OPTIONS |= {"aws_session_token", "session_token", "access_key", "secret_key"}
+# botocore's retries for each request to S3, unless data.remote.options.config_kwargs.retries says otherwise.
+S3_RETRIES = {"max_attempts": 5, "mode": "standard"}
+RESUME_CHUNK = 8 * 2**20  # a resumed download asks for the rest of the object in ranges of this size
+# What a busy or failing store answers: worth another try.
+TRANSIENT_ANSWERS = (
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "reduce your request rate",
+    "(500)",
+    "(503)",
+)
+TRANSIENT_ANSWERS += ("Service Unavailable", "Internal Server Error", "RequestTimeout", "Please try again")
 
 
 def default_cache_dir() -> Path:
@@ -107,6 +128,9 @@ class RemoteCache:
         endpoint_url: an S3-compatible endpoint; ``None`` lets boto use ``AWS_ENDPOINT_URL(_S3)`` or AWS itself.
         options: further fsspec/s3fs settings (``anon``, ``requester_pays``, ``config_kwargs``...); never
             credentials.
+        attempts: how many times a download is tried (each try with the clients' own retries), resuming from
+            where the previous try stopped, before it fails with one line naming the object.
+        backoff_s: the wait before the second try; it doubles with each further try (at most 30 s).
     """
 
     cache_dir: Path = field(default_factory=lambda: default_cache_dir() / "remote")
@@ -114,6 +138,9 @@ class RemoteCache:
     options: dict[str, Any] = field(default_factory=dict)
     downloaded: int = 0
     downloaded_bytes: int = 0
+    attempts: int = 3
+    backoff_s: float = 1.0
+    retried: int = 0  # downloads resumed after a failed try
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()
@@ -255,9 +282,13 @@ class RemoteCache:
                 problems[url] = str(err)
 
         one(pending[0])  # a systemic problem surfaces once, before a burst of parallel requests
-        with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
+        pool = ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS)
+        try:
             for future in [pool.submit(one, url) for url in pending[1:]]:
                 future.result()
+        finally:
+            # On a systemic problem or a signal (SIGTERM), the downloads not started yet are dropped.
+            pool.shutdown(wait=True, cancel_futures=True)
         return fetched, problems
 
     def local_path(self, url: str, info: dict[str, Any]) -> Path:
@@ -277,22 +308,84 @@ class RemoteCache:
     def _download(self, fs: Any, rpath: str, url: str, dest: Path, size: int | None, callback: Any) -> None:
         from fsspec.callbacks import NoOpCallback
 
+        callback = callback or NoOpCallback()
         try:
-            with atomic_path(dest, durable=False) as tmp:  # a lost copy is fetched again
-                fs.get_file(rpath, str(tmp), callback=callback or NoOpCallback())
-                got = tmp.stat().st_size if tmp.exists() else 0
-                if size is not None and got != size:
-                    raise RemoteError(
-                        f"{url}: download incomplete ({got} of {size} bytes); run again to retry"
-                    )
+            with atomic_path(dest, durable=False, size_hint=size) as tmp:  # a lost copy is fetched again
+                self._download_with_retries(fs, rpath, url, tmp, dest, size, callback)
         except BaseException as exc:
             _remove_empty(dest.parent, self.cache_dir)
-            if isinstance(exc, RemoteError) or not isinstance(exc, Exception):
+            if isinstance(exc, RemoteError | DiskFullError) or not isinstance(exc, Exception):
                 raise
             raise self._error(url, exc, downloading=True) from None
         with self._lock:
             self.downloaded += 1
             self.downloaded_bytes += dest.stat().st_size
+
+    def _download_with_retries(
+        self, fs: Any, rpath: str, url: str, tmp: Path, dest: Path, size: int | None, callback: Any
+    ) -> None:
+        """Download into ``tmp``; a try that fails on a transient error is resumed from the bytes already there."""
+        attempt = 1
+        while True:
+            try:
+                if attempt == 1:
+                    fs.get_file(rpath, str(tmp), callback=callback)
+                else:
+                    self._resume(fs, rpath, tmp, size, callback)
+                break
+            except Exception as exc:
+                if attempt >= self.attempts or not _transient(exc):
+                    if attempt > 1:
+                        raise RemoteError(
+                            f"{url}: download interrupted ({type(exc).__name__}: {first_line(exc)}; tried "
+                            f"{attempt} times); nothing was kept in the cache, run again to retry",
+                            systemic=_connection_error({type(e).__name__ for e in _chain(exc)}),
+                        ) from None
+                    raise
+                if not _is_prefix(fs, size):
+                    tmp.unlink(missing_ok=True)  # written in parallel parts, with holes: start again
+                got = tmp.stat().st_size if tmp.exists() else 0
+                log.warning(
+                    "%s: download broke off at %d of %s bytes (%s); resuming in %.1f s (try %d of %d)",
+                    url,
+                    got,
+                    size if size is not None else "?",
+                    first_line(exc),
+                    min(self.backoff_s * 2 ** (attempt - 1), 30.0),
+                    attempt + 1,
+                    self.attempts,
+                )
+                time.sleep(min(self.backoff_s * 2 ** (attempt - 1), 30.0))
+                attempt += 1
+                with self._lock:
+                    self.retried += 1
+        got = tmp.stat().st_size if tmp.exists() else 0
+        if size is not None and got != size:
+            raise RemoteError(f"{url}: download incomplete ({got} of {size} bytes); run again to retry")
+        if attempt > 1:
+            # Pieces from several requests: they belong to one version only if the object did not change.
+            fs.invalidate_cache(rpath)
+            if self.local_path(url, fs.info(rpath)) != dest:
+                raise RemoteError(f"{url}: the object changed while it was downloaded; run again to fetch it")
+
+    def _resume(self, fs: Any, rpath: str, tmp: Path, size: int | None, callback: Any) -> None:
+        """Append the rest of the object to ``tmp`` with Range requests, from the bytes already there."""
+        offset = tmp.stat().st_size if tmp.exists() else 0
+        if size is None:
+            data = fs.cat_file(rpath, start=offset or None)
+            with open(tmp, "ab") as handle:
+                handle.write(data)
+            return
+        with open(tmp, "ab") as handle:
+            while offset < size:
+                end = min(offset + RESUME_CHUNK, size)
+                data = fs.cat_file(rpath, start=offset, end=end)
+                handle.write(data)
+                handle.flush()  # what arrived counts for the next try, should this one break too
+                offset += len(data)
+                callback.relative_update(len(data))
+                if not data:
+                    break
 
     def _prune_old_versions(self, dest: Path) -> None:
         # Older versions of the same object are dead weight once the new one is in place.
@@ -316,6 +409,10 @@ class RemoteCache:
         options: dict[str, Any] = {**self.options, "skip_instance_cache": True}
         if protocol in ("s3", "s3a") and self.endpoint_url:
             options["endpoint_url"] = self.endpoint_url
+        if protocol in ("s3", "s3a"):
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("retries", dict(S3_RETRIES))
+            options["config_kwargs"] = config
         try:
             return fsspec.filesystem(protocol, **options)
         except (ImportError, ValueError) as exc:
@@ -390,6 +487,31 @@ def _find_local(base: Path, max_depth: int | None, limit: int | None = None) -> 
         if limit is not None and len(found) >= limit:
             break
     return sorted(found[:limit] if limit is not None else found)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed download may succeed when tried again: a broken or stalled connection, a busy store."""
+    if is_disk_full(exc):
+        return False
+    chain = _chain(exc)
+    if any(isinstance(e, FileNotFoundError | PermissionError) for e in chain):
+        return False
+    names = {type(e).__name__ for e in chain}
+    if _connection_error(names) or names & {
+        "ClientOSError",
+        "ServerDisconnectedError",
+        "ResponseParserError",
+    }:
+        return True
+    text = " ".join(str(e) for e in chain)
+    return any(marker in text for marker in TRANSIENT_ANSWERS)
+
+
+def _is_prefix(fs: Any, size: int | None) -> bool:
+    """Whether a broken ``get_file`` leaves the object's first bytes in order (s3fs fetches large ones in parallel)."""
+    parallel = int(getattr(fs, "max_concurrency", 1) or 1) > 1
+    block = getattr(fs, "default_block_size", None)
+    return not (parallel and block and size and size > block)
 
 
 def _complete(dest: Path, size: int | None) -> bool:

@@ -9,6 +9,7 @@ and NIfTI writing that keeps the input's shape and affine.
 
 from __future__ import annotations
 
+import gzip
 import inspect
 import itertools
 import json
@@ -32,6 +33,7 @@ from seglight.data.datalists import IMAGE
 from seglight.data.datamodule import PREPROCESSING_KEYS, prediction_settings
 from seglight.data.remote import RemoteCache, default_cache_dir, is_remote
 from seglight.data.transforms import deterministic_transforms
+from seglight.prediction.finished import case_stamp, is_finished, model_fingerprint, stamp
 from seglight.prediction.inputs import InputCase, list_inputs
 from seglight.prediction.postprocessing import keep_largest_component, largest_component_labels
 from seglight.training.checkpoints import model_checkpoints, safe_load
@@ -444,8 +446,11 @@ def _like(reference: Any, array: np.ndarray) -> nib.Nifti1Image:
 
 
 def save_nifti(image: nib.Nifti1Image, path: Path) -> None:
-    """Write ``image`` atomically (``seglight.core.io.atomic_path``): no half-written mask is ever left."""
-    with atomic_path(path) as tmp:
+    """Write ``image`` atomically (``seglight.core.io.atomic_path``): no half-written mask is ever left.
+
+    On a full disk, the message gives the size of the compressed image (computed only then).
+    """
+    with atomic_path(path, size_hint=lambda: len(gzip.compress(image.to_bytes(), compresslevel=1))) as tmp:
         nib.save(image, tmp)
 
 
@@ -456,12 +461,15 @@ class PredictionReport:
     output: Path
     written: dict[str, Path] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # case -> what went wrong, naming the file
+    kept: dict[str, Path] = field(
+        default_factory=dict
+    )  # masks an earlier run of the same prediction finished
 
     def raise_for_failures(self) -> None:
         """A DataError naming every input that could not be predicted, if any."""
         if not self.failed:
             return
-        total = len(self.failed) + len(self.written)
+        total = len(self.failed) + len(self.written) + len(self.kept)
         lines = "\n  ".join(self.failed.values())
         raise DataError(f"{len(self.failed)} of {total} input(s) could not be predicted:\n  {lines}")
 
@@ -472,19 +480,32 @@ def predict_cases(
     output: str | Path,
     save_probabilities: bool = False,
     store: RemoteCache | None = None,
+    overwrite: bool = False,
 ) -> PredictionReport:
     """Predict each case into ``output/<case>.nii.gz`` (and ``output/probabilities/``), one failure at a time.
 
-    A case that cannot be read or used is logged and recorded, and the others are still predicted.
+    A case that cannot be read or used is logged and recorded, and the others are still predicted. A mask that
+    an earlier run of the same prediction finished is kept (see ``seglight.prediction.finished``), unless
+    ``overwrite``.
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     report = PredictionReport(output=output)
     store = store or RemoteCache()
+    fingerprint = prediction_fingerprint(predictor)
     for number, case in enumerate(cases, start=1):
         started = time.perf_counter()
+        target = output / f"{case.case_id}.nii.gz"
+        probability_file = output / "probabilities" / f"{case.case_id}.nii.gz"
         try:
             image = _localize(case.image, store)
+            case_mark = case_stamp(fingerprint, image)
+            if not overwrite and is_finished(
+                target, case_mark, [probability_file] if save_probabilities else []
+            ):
+                report.kept[case.case_id] = target
+                log.info("[%d/%d] %s: kept %s (finished earlier)", number, len(cases), case.case_id, target)
+                continue
             result = predictor.predict_case(image, keep_probabilities=save_probabilities)
         except Exception as exc:  # one bad scan (unreadable, too large for memory...) must not stop the rest
             user_error = find_user_error(exc)  # MONAI's Compose wraps the DataError our loader raises
@@ -496,11 +517,10 @@ def predict_cases(
                 log.exception("[%d/%d] %s: FAILED: %s", number, len(cases), case.case_id, why)
             report.failed[case.case_id] = why
             continue
-        target = output / f"{case.case_id}.nii.gz"
-        save_nifti(result.mask_image(), target)
         probabilities = result.probability_image()
-        if probabilities is not None:
-            save_nifti(probabilities, output / "probabilities" / f"{case.case_id}.nii.gz")
+        if probabilities is not None:  # before the mask: a mask in place means its case is complete
+            save_nifti(probabilities, probability_file)
+        save_nifti(stamp(result.mask_image(), case_mark), target)
         report.written[case.case_id] = target
         found = ", ".join(str(v) for v in np.unique(result.mask) if v != 0) or "none"
         log.info(
@@ -514,6 +534,18 @@ def predict_cases(
             time.perf_counter() - started,
         )
     return report
+
+
+def prediction_fingerprint(predictor: Predictor) -> str | None:
+    """What ``predictor`` computes (its checkpoints and options), for telling a rerun's finished masks."""
+    options = {
+        "inference": predictor.inference,
+        "tta": predictor.tta,
+        "amp": predictor.amp,
+        "largest_component": predictor.largest_component,
+        "data": [model.data for model in predictor.models],
+    }
+    return model_fingerprint([model.name for model in predictor.models], options)
 
 
 def predict(
@@ -530,11 +562,13 @@ def predict(
     cache_dir: str | Path | None = None,
     endpoint_url: str | None = None,
     image_pattern: str | Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> PredictionReport:
     """Segment every image of ``input`` with the model(s) of ``ckpt`` into ``output`` (see ``seglight.predict``).
 
     ``ckpt`` is a checkpoint file, a run folder, a folder of runs (the folds of a cross-validation) or a list of
-    these; several models are an ensemble whose probabilities are averaged.
+    these; several models are an ensemble whose probabilities are averaged. Masks that an earlier run of the
+    same prediction finished in ``output`` are kept, unless ``overwrite``.
     """
     predictor = Predictor(
         model_checkpoints(ckpt),
@@ -555,7 +589,7 @@ def predict(
     cases = [case for case in listed if case.problem is None]
     _check_no_overwrite(cases, Path(output))
     log.info("Predicting %d image(s) with %s", len(cases), predictor.describe())
-    report = predict_cases(predictor, cases, output, save_probabilities, store)
+    report = predict_cases(predictor, cases, output, save_probabilities, store, overwrite=overwrite)
     for case in listed:
         if case.problem is not None:  # a subject folder without a channel, say: named, the others written
             log.error("%s: FAILED: %s", case.case_id, case.problem)

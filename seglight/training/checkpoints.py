@@ -40,9 +40,13 @@ HPC_PATTERN = re.compile(r"^hpc_ckpt_\d+\.ckpt$")
 # FSDP's sharded checkpoints are folders: this file holds their loop state, next to one file of shards per rank.
 SHARDED_META = "meta.pt"
 # The best checkpoints conf/callbacks/default.yaml names: best-epochNNN-diceX.XXXX.ckpt.
+BEST_PATTERN = re.compile(r"^best.*\.ckpt$")
 BEST_DICE = re.compile(r"dice(\d+(?:\.\d+)?)")
 # What a Lightning checkpoint written by Trainer.fit holds, beyond the weights, to continue training.
 TRAINING_STATE_KEYS = ("epoch", "global_step", "loops", "optimizer_states")
+# How torch.save's files start: a zip archive (since torch 1.6), or the legacy format's pickle protocol 2.
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = b"\x80\x02"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,9 +63,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` through a temporary file beside it, fsync and rename: never a truncated file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` to ``path`` through a temporary file beside it, fsync and rename: never a truncated file.
+
+    A full disk is one ``DiskFullError`` naming the folder and about the space the checkpoint needs (the size of
+    its tensors), the previous file left as it was.
+    """
+    # Through a Python file, so a full disk surfaces as the OS error (torch's own writer reports only its offsets).
+    with atomic_path(path, size_hint=tensor_bytes(obj)) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint structure: about the size it takes on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def remove_partial_checkpoints(folder: str | Path) -> list[Path]:
@@ -127,6 +147,10 @@ def safe_load(path: str | Path, option: str | None = None, mmap: bool = False) -
         subject = f"{subject} ({path})"
     if not path.is_file():
         raise ConfigError(f"{subject}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise ConfigError(
+            f"{subject}: not a readable PyTorch checkpoint (an empty file, 0 bytes: a write that never finished)"
+        )
     # torch < 2.5 has no allow-list; its weights_only loader then refuses OmegaConf hyperparameters too.
     allowed = (
         torch.serialization.safe_globals(_safe_globals())
@@ -145,9 +169,7 @@ def safe_load(path: str | Path, option: str | None = None, mmap: bool = False) -
     except pickle.UnpicklingError as exc:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if wanted is None:  # not a pickle PyTorch can read at all
-            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            why = detail.group(1).strip() if detail else "not a PyTorch pickle"
-            raise ConfigError(f"{subject}: not a readable PyTorch checkpoint ({why})") from None
+            raise ConfigError(f"{subject}: not a readable PyTorch checkpoint ({_unreadable(path, exc)})") from None
         raise ConfigError(
             f"{subject}: refused: loading it would run code from the file (it references {wanted.group(1)}), "
             "and seglight loads checkpoints with PyTorch's weights_only=True, which allows only tensors and "
@@ -156,8 +178,7 @@ def safe_load(path: str | Path, option: str | None = None, mmap: bool = False) -
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ConfigError(
-            f"{subject}: not a readable PyTorch checkpoint (truncated, damaged or another format: "
-            f"{first_line(exc)})"
+            f"{subject}: not a readable PyTorch checkpoint ({_unreadable(path, exc)})"
         ) from None
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise ConfigError(
@@ -165,6 +186,22 @@ def safe_load(path: str | Path, option: str | None = None, mmap: bool = False) -
             "files of a seglight run"
         )
     return dict(checkpoint)
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """Why torch could not read ``path``: cut short (a PyTorch archive without its end), or another format."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head.startswith(ZIP_MAGIC):
+        return (
+            f"truncated or damaged: a PyTorch archive of {path.stat().st_size} bytes whose end is missing or "
+            f"broken: {first_line(exc)}"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+    why = detail.group(1).strip() if detail else first_line(exc)
+    if head.startswith(LEGACY_MAGIC):
+        return f"truncated or damaged: {why}"
+    return f"another format, not a PyTorch file: it starts with {head!r}"
 
 
 def checkpoint_dir(trainer: L.Trainer) -> Path:
@@ -299,21 +336,21 @@ def resolve_checkpoint(
     if ckpt_path in (None, ""):
         if not resume:
             return None
-        found = find_last_checkpoint(checkpoint_dir, run_dir)
+        found = find_resumable_checkpoint(checkpoint_dir, run_dir, module, option="resume=true")
         if found is None:
             log.info("resume=true: no last.ckpt in %s yet, so this is a fresh start.", checkpoint_dir)
             return None
         log.info("resume=true: continuing from %s", found)
-        return check_checkpoint(found, module, option="resume=true")
+        return found
     text = str(ckpt_path)
     if text == "last":
-        found = find_last_checkpoint(checkpoint_dir, run_dir)
+        found = find_resumable_checkpoint(checkpoint_dir, run_dir, module, option="ckpt_path=last")
         if found is None:
             raise ConfigError(
                 f"ckpt_path=last: no last.ckpt in {checkpoint_dir}. To continue a run, rerun in its folder "
                 "(hydra.run.dir=<run folder> ckpt_path=last, or resume=true), or give ckpt_path=<file>."
             )
-        return check_checkpoint(found, module, option="ckpt_path=last")
+        return found
     path = Path(text).expanduser()
     if path.is_dir() and not _is_checkpoint(path):
         found = find_last_checkpoint(path / "checkpoints", path) or find_last_checkpoint(path)
@@ -327,13 +364,75 @@ def resolve_checkpoint(
     return check_checkpoint(path, module, option=f"ckpt_path={ckpt_path}")
 
 
+def resume_candidates(folder: str | Path, hpc_folder: str | Path | None = None) -> list[Path]:
+    """Every checkpoint a run could continue from, newest first: ``last*.ckpt``, ``hpc_ckpt_<n>.ckpt``, ``best*.ckpt``.
+
+    Newest means the most training steps saved (then the newer file); those that cannot be read come last.
+    """
+    candidates = []
+    for where, pattern in ((folder, LAST_PATTERN), (hpc_folder, HPC_PATTERN), (folder, BEST_PATTERN)):
+        if where is not None and Path(where).is_dir():
+            candidates += [p for p in Path(where).iterdir() if pattern.match(p.name) and _is_checkpoint(p)]
+    steps = {path: _saved_step(path) for path in dict.fromkeys(candidates)}
+    return sorted(steps, key=lambda p: (steps[p], p.stat().st_mtime_ns), reverse=True)
+
+
+def find_resumable_checkpoint(
+    folder: str | Path,
+    hpc_folder: str | Path | None = None,
+    module: nn.Module | None = None,
+    option: str = "resume=true",
+) -> str | None:
+    """The newest checkpoint of a run that loads (see ``resume_candidates``), checked against ``module``; None if
+    the run has none.
+
+    A damaged one (cut short by a kill or a full disk, zero bytes, another tool's file, weights only) is named
+    with the reason and passed over for the next newest, and the one taken is named. One that loads but belongs
+    to another network or label set is refused (a ConfigError): the run's options are wrong, not the file. When
+    every checkpoint is damaged, a ConfigError names them.
+    """
+    damaged: list[str] = []
+    usable: list[tuple[Path, dict[str, Any]]] = []
+    for path in resume_candidates(folder, hpc_folder):  # every one is read: each damaged one is named
+        try:
+            usable.append((path, training_checkpoint(path, option)))
+        except ConfigError as err:
+            damaged.append(f"{path.name}: {str(err).split(': ', 1)[-1]}")
+            log.warning("%s; passing it over", err)
+    if not usable:
+        if damaged:
+            raise ConfigError(
+                f"{option}: no checkpoint in {folder} can be read ({'; '.join(damaged)}); move them away to "
+                "start afresh, or give ckpt_path=<a checkpoint that loads>"
+            )
+        return None
+    path, checkpoint = usable[0]
+    if module is not None and not path.is_dir():
+        check_fits(checkpoint, module, f"{option} ({path})")
+    if damaged:
+        log.warning("%s: continuing from %s, the newest checkpoint of the run that loads", option, path)
+    return str(path)
+
+
 def check_checkpoint(path: str | Path, module: nn.Module | None = None, option: str | None = None) -> str:
     """``path`` as a string if it is a complete Lightning training checkpoint that fits ``module``.
 
-    Otherwise one ConfigError that says what is wrong: truncated or not a checkpoint at all, weights only
-    (no optimizer state to continue from), or saved from a different network.
+    Otherwise one ConfigError that says what is wrong: truncated, empty or not a checkpoint at all, weights only
+    (no optimizer state to continue from), or saved from a different network or for other labels.
     """
     option = option or f"ckpt_path={path}"
+    subject = option if str(path) in option else f"{option} ({path})"
+    checkpoint = training_checkpoint(path, option)
+    if module is not None and not Path(path).is_dir():
+        check_fits(checkpoint, module, subject)
+    return str(path)
+
+
+def training_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
+    """A checkpoint that training can continue from, read safely (tensors left on disk), or one ConfigError.
+
+    An FSDP sharded checkpoint folder gives its loop state only (FSDP reads the shards itself).
+    """
     subject = option if str(path) in option else f"{option} ({path})"
     if Path(path).is_dir():
         return _check_sharded_checkpoint(Path(path), subject)
@@ -345,19 +444,53 @@ def check_checkpoint(path: str | Path, module: nn.Module | None = None, option: 
             f"{subject}: holds weights but no training state ({', '.join(missing)} missing), so training "
             "cannot continue from it; use the run's checkpoints/last.ckpt"
         )
-    if module is not None:
-        mismatch = _state_dict_mismatch(checkpoint["state_dict"], module.state_dict())
-        if mismatch:
-            saved_net = (checkpoint.get("hyper_parameters") or {}).get("net", {})
-            target = saved_net.get("_target_", "another network") if isinstance(saved_net, Mapping) else ""
-            raise ConfigError(
-                f"{subject}: saved from a different network ({target}; {mismatch}); continue it with the "
-                "model options it was trained with (its run folder's .hydra/config.yaml)"
-            )
-    return str(path)
+    return checkpoint
 
 
-def _check_sharded_checkpoint(path: Path, subject: str) -> str:
+def check_fits(checkpoint: Mapping[str, Any], module: nn.Module, subject: str) -> None:
+    """ConfigError unless ``checkpoint`` was trained for ``module``'s labels and network (names, channels, shapes)."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    own = getattr(module, "hparams", None) or {}
+    saved_labels, own_labels = _label_names(saved), _label_names(own)
+    if saved_labels and own_labels and saved_labels != own_labels:
+        raise ConfigError(
+            f"{subject}: trained for other labels ({_describe_labels(saved_labels)}; this run: "
+            f"{_describe_labels(own_labels)}); continue it with the data it was trained on, or start a new run "
+            "in another folder"
+        )
+    saved_out, own_out = _out_channels(saved), _out_channels(own)
+    if saved_out is not None and own_out is not None and saved_out != own_out:
+        raise ConfigError(
+            f"{subject}: trained with {saved_out} output channel(s), this run's network has {own_out}; "
+            "continue it with the labels and model options it was trained with (its run folder's "
+            ".hydra/config.yaml)"
+        )
+    mismatch = _state_dict_mismatch(checkpoint["state_dict"], module.state_dict())
+    if mismatch:
+        saved_net = saved.get("net", {})
+        target = saved_net.get("_target_", "another network") if isinstance(saved_net, Mapping) else ""
+        raise ConfigError(
+            f"{subject}: saved from a different network ({target}; {mismatch}); continue it with the "
+            "model options it was trained with (its run folder's .hydra/config.yaml)"
+        )
+
+
+def _label_names(hparams: Mapping[str, Any]) -> dict[int, str]:
+    names = hparams.get("label_names") if isinstance(hparams, Mapping) else None
+    return {int(k): str(v) for k, v in names.items()} if isinstance(names, Mapping) else {}
+
+
+def _describe_labels(names: Mapping[int, str]) -> str:
+    return ", ".join(f"{value}={name}" for value, name in sorted(names.items()))
+
+
+def _out_channels(hparams: Mapping[str, Any]) -> int | None:
+    net = hparams.get("net") if isinstance(hparams, Mapping) else None
+    value = net.get("out_channels") if isinstance(net, Mapping) else None
+    return int(value) if isinstance(value, int) else None
+
+
+def _check_sharded_checkpoint(path: Path, subject: str) -> dict[str, Any]:
     """An FSDP sharded checkpoint folder: its loop state must be readable (the shards are read by FSDP itself)."""
     try:
         meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
@@ -370,7 +503,7 @@ def _check_sharded_checkpoint(path: Path, subject: str) -> str:
         raise ConfigError(
             f"{subject}: a sharded checkpoint folder without training state ({', '.join(missing)})"
         )
-    return str(path)
+    return dict(meta)
 
 
 def _state_dict_mismatch(saved: Mapping[str, Any], current: Mapping[str, torch.Tensor]) -> str:
