@@ -184,8 +184,10 @@ class SignalWhenFileAppears(L.Callback):
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _watch(self) -> None:
-        folder, name = os.path.split(self.pattern)
-        while not any(Path(folder).glob(name)):
+        parts = Path(self.pattern).parts
+        fixed = next(i for i, part in enumerate([*parts, "*"]) if any(c in part for c in "*?["))
+        folder, rest = Path(*parts[:fixed]), "/".join(parts[fixed:])
+        while not (any(folder.glob(rest)) if rest else folder.exists()):
             time.sleep(0.001)
         for number in range(self.times):
             if number:

@@ -204,3 +204,14 @@ def make_subject_folders(
                 image = rng.normal(0, 50, size=shape).astype(np.float32) - 200
                 write_nifti(root / subject / name, image + 400.0 * label)
     return root
+
+
+def plug_callback(key: str, target: str, /, **settings: object) -> str:
+    """The override that adds a test callback to a run: ``+callbacks.<key>={_target_:tests.callbacks.<target>,...}``.
+
+    Strings are quoted, so paths and glob patterns pass Hydra's override grammar.
+    """
+    items = [f"_target_:tests.callbacks.{target}"]
+    for setting, value in settings.items():
+        items.append(f"{setting}:'{value}'" if isinstance(value, str | Path) else f"{setting}:{value}")
+    return f"+callbacks.{key}={{{','.join(items)}}}"

@@ -29,6 +29,7 @@ from monai.data import MetaTensor
 from seglight.core.errors import ConfigError, DataError, find_user_error, first_line
 from seglight.core.io import atomic_path, load_nifti
 from seglight.core.utils import plain
+from seglight.data.caching.files import hold
 from seglight.data.datalists import IMAGE
 from seglight.data.datamodule import PREPROCESSING_KEYS, prediction_settings
 from seglight.data.remote import RemoteCache, default_cache_dir, is_remote
@@ -587,6 +588,10 @@ def predict(
         settings.update(layout="folder", image_pattern=image_pattern)
     listed = list_inputs(input, settings, datalist_key, store, channels=predictor.in_channels)
     cases = [case for case in listed if case.problem is None]
+    if any(
+        is_remote(f) for case in cases for f in ([case.image] if isinstance(case.image, str) else case.image)
+    ):
+        hold(store.cache_dir)  # a cache prune meanwhile keeps the scans this prediction fetches
     _check_no_overwrite(cases, Path(output))
     log.info("Predicting %d image(s) with %s", len(cases), predictor.describe())
     report = predict_cases(predictor, cases, output, save_probabilities, store, overwrite=overwrite)

@@ -169,7 +169,9 @@ def safe_load(path: str | Path, option: str | None = None, mmap: bool = False) -
     except pickle.UnpicklingError as exc:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if wanted is None:  # not a pickle PyTorch can read at all
-            raise ConfigError(f"{subject}: not a readable PyTorch checkpoint ({_unreadable(path, exc)})") from None
+            raise ConfigError(
+                f"{subject}: not a readable PyTorch checkpoint ({_unreadable(path, exc)})"
+            ) from None
         raise ConfigError(
             f"{subject}: refused: loading it would run code from the file (it references {wanted.group(1)}), "
             "and seglight loads checkpoints with PyTorch's weights_only=True, which allows only tensors and "

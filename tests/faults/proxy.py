@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import random
 import socket
 import struct
 import threading
@@ -41,7 +42,8 @@ class Fault:
     ``kind``: ``500``, ``503``, ``slowdown`` (error answers); ``drop`` (close the connection without an answer);
     ``reset`` (send the headers and ``after_bytes`` of the body, then reset the connection); ``stall`` (the same,
     then send nothing for ``stall_s`` seconds and close). ``path`` must be part of the request's path;
-    ``methods`` limits it to these (GET: object reads, HEAD: metadata).
+    ``methods`` limits it to these (GET: object reads, HEAD: metadata). With ``probability`` below 1, each
+    matching request is hit with that chance (the proxy's seeded random numbers), for a soak.
     """
 
     kind: str
@@ -50,6 +52,7 @@ class Fault:
     methods: tuple[str, ...] = ("GET",)
     after_bytes: int = 0
     stall_s: float = 5.0
+    probability: float = 1.0
     used: int = 0
 
     def __post_init__(self) -> None:
@@ -77,8 +80,10 @@ class FaultProxy:
     upstream: str
     faults: list[Fault] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        self._random = random.Random(self.seed)
         target = urlsplit(self.upstream)
         self._upstream = (target.hostname or "127.0.0.1", target.port or 80)
         self._lock = threading.Lock()
@@ -102,7 +107,7 @@ class FaultProxy:
             failed_paths: set[str] = set()
             retried = 0
             for request in self.requests:
-                if request.path in failed_paths and request.method == "GET":
+                if request.path in failed_paths:
                     retried += 1
                     failed_paths.discard(request.path)
                 if request.fault is not None:
@@ -113,6 +118,8 @@ class FaultProxy:
     def _take_fault(self, method: str, path: str, range_header: str | None) -> Fault | None:
         with self._lock:
             fault = next((f for f in self.faults if f.matches(method, path)), None)
+            if fault is not None and fault.probability < 1.0 and self._random.random() >= fault.probability:
+                fault = None
             if fault is not None:
                 fault.used += 1
             self.requests.append(Request(method, path, range_header, fault.kind if fault else None))
