@@ -21,7 +21,7 @@ from seglight.training.callbacks.preemption import stop_at_signals
 from seglight.training.checkpoints import checkpoint_dir, resolve_checkpoint
 from seglight.training.distributed import join_run, leave_run, resume_requested, stop_unless_launchable
 from seglight.training.summary import describe_model, write_run_info, write_summary
-from seglight.training.trackers import finish_trackers, repair_tracker_files, run_disk_full
+from seglight.training.trackers import finish_trackers, repair_run_trackers, run_disk_full
 
 log = logging.getLogger("seglight")
 
@@ -46,8 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if ckpt_path:
             console.resuming()
         if trainer.is_global_zero:
-            if ckpt_path:
-                repair_tracker_files(cfg.paths.output_dir)  # what a kill left half-written, before appending
+            repair_run_trackers(trainer)  # what a killed session left half-written, before appending
             write_run_info(cfg, cfg.paths.output_dir, resumed_from=ckpt_path)
         log.info(describe_model(module))
         try:

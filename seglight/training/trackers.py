@@ -350,6 +350,12 @@ def repair_tracker_files(folder: str | Path) -> list[Path]:
     return repaired
 
 
+def repair_run_trackers(trainer: L.Trainer) -> list[Path]:
+    """``repair_tracker_files`` in the folder of each of the run's trackers (all its sessions' files)."""
+    folders = {getattr(lg, "root_dir", None) or getattr(lg, "log_dir", None) for lg in trainer.loggers}
+    return [path for folder in sorted(str(f) for f in folders if f) for path in repair_tracker_files(folder)]
+
+
 def _whole_event_records(path: Path) -> int:
     """The length of the whole TFRecords at the start of an event file (length, its CRC, data, the data's CRC)."""
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
