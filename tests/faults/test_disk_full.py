@@ -8,6 +8,7 @@ root), the tests are skipped, saying so.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -15,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seglight.core.errors import reported_errors
+from seglight.core.errors import DiskFullError, reported_errors
+from seglight.data.remote import RemoteCache
 from seglight.prediction.predictor import predict
 from seglight.training.checkpoints import safe_load
 from tests.faults.integrity import damaged_files
-from tests.helpers import tiny_overrides, train_in_process, write_nifti
+from tests.helpers import S3, tiny_overrides, train_in_process, write_nifti
 
 MB = 2**20
 
@@ -123,3 +125,20 @@ def test_prediction_on_a_full_disk(
         message,
     ), message
     assert not list(output.glob("*.nii.gz")) and partial_files(disk) == []
+
+
+def test_download_into_a_full_cache_disk(small_disk, s3: S3) -> None:
+    disk = small_disk(1 * MB)
+    s3.client.create_bucket(Bucket="full-disk")
+    s3.client.put_object(Bucket="full-disk", Key="scan.nii.gz", Body=os.urandom(200_000))
+    fill(disk, 16 * 1024)
+    with pytest.raises(DiskFullError) as err:
+        RemoteCache(disk / "remote").fetch("s3://full-disk/scan.nii.gz")
+    folder = disk / "remote" / "s3" / "full-disk"
+    assert re.match(
+        rf"{re.escape(str(folder))}/scan\.nii\.gz@\w+: disk full: writing scan\.nii\.gz needs about 0\.2 MB, \d+ kB free",
+        str(err.value),
+    ), str(err.value)
+    assert [
+        p for p in disk.rglob("*") if p.is_file() and p.name != "filler.bin" and ".locks" not in p.parts
+    ] == []

@@ -24,7 +24,15 @@ from seglight.prediction.predictor import predict
 from seglight.train import train
 from seglight.training.checkpoints import resume_candidates, safe_load
 from tests.faults.integrity import damaged_files
-from tests.helpers import REPO, plug_callback, run_cli, tiny_config, tiny_overrides, write_nifti
+from tests.helpers import (
+    REPO,
+    plug_callback,
+    run_cli,
+    tensorboard_scalars,
+    tiny_config,
+    tiny_overrides,
+    write_nifti,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -91,6 +99,8 @@ class Run:
         assert summary["status"] == "completed"
         assert safe_load(self.dir / "checkpoints" / "last.ckpt")["global_step"] == EPOCHS * STEPS_PER_EPOCH
         assert damaged_files(self.dir, [self.cache]) == []
+        validated = {step for step, _ in tensorboard_scalars(self.dir)["Dice/val"]}
+        assert len(validated) == EPOCHS, f"validations at steps {sorted(validated)}: one per epoch expected"
 
 
 def test_sigkill_at_each_awkward_moment_then_resume_finishes(tmp_path: Path, cache_dir: Path) -> None:

@@ -101,6 +101,7 @@ class Preemption(Callback):
         self._trainer: L.Trainer | None = None
         self._in_group = False  # several processes: stop when they agree (see the class docstring)
         self._training_started = False
+        self._save_at_epoch_end = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
@@ -177,6 +178,9 @@ class Preemption(Callback):
             trainer._signal_connector.received_sigterm = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._save_at_epoch_end:
+            self._save_at_epoch_end = False
+            save_last_checkpoint(trainer)
         self._agree_to_stop(trainer)
 
     def _forward_early_signal(self, trainer: L.Trainer) -> None:
@@ -194,7 +198,13 @@ class Preemption(Callback):
     ) -> None:
         n = self.every_n_train_steps
         if n and trainer.global_step > 0 and trainer.global_step % n == 0:
-            save_last_checkpoint(trainer)
+            if batch_idx + 1 == trainer.num_training_batches:
+                # Saved after an epoch's last batch but before its end, a checkpoint resumes without that epoch's
+                # validation and with the epoch count behind (a later resume then repeats steps): saved at the
+                # epoch's end instead, after its validation.
+                self._save_at_epoch_end = True
+            else:
+                save_last_checkpoint(trainer)
         self._agree_to_stop(trainer)
 
     def on_exception(
