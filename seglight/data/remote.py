@@ -27,7 +27,6 @@ import posixpath
 import re
 import shutil
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from seglight.core.errors import ConfigError, DataError, DiskFullError, first_line
-from seglight.core.io import atomic_path, is_disk_full
+from seglight.core.io import atomic_path
 from seglight.data.caching.files import record_use
+from seglight.data.downloads import GaveUp, connection_error, download_resuming, exception_chain
 
 log = logging.getLogger("seglight")
 
@@ -45,17 +45,6 @@ SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aw
 SECRET_OPTIONS |= {"aws_session_token", "session_token", "access_key", "secret_key"}
 # botocore's retries for each request to S3, unless data.remote.options.config_kwargs.retries says otherwise.
 S3_RETRIES = {"max_attempts": 5, "mode": "standard"}
-RESUME_CHUNK = 8 * 2**20  # a resumed download asks for the rest of the object in ranges of this size
-# What a busy or failing store answers: worth another try.
-TRANSIENT_ANSWERS = (
-    "SlowDown",
-    "ServiceUnavailable",
-    "InternalError",
-    "reduce your request rate",
-    "(500)",
-    "(503)",
-)
-TRANSIENT_ANSWERS += ("Service Unavailable", "Internal Server Error", "RequestTimeout", "Please try again")
 
 
 def default_cache_dir() -> Path:
@@ -324,68 +313,26 @@ class RemoteCache:
     def _download_with_retries(
         self, fs: Any, rpath: str, url: str, tmp: Path, dest: Path, size: int | None, callback: Any
     ) -> None:
-        """Download into ``tmp``; a try that fails on a transient error is resumed from the bytes already there."""
-        attempt = 1
-        while True:
-            try:
-                if attempt == 1:
-                    fs.get_file(rpath, str(tmp), callback=callback)
-                else:
-                    self._resume(fs, rpath, tmp, size, callback)
-                break
-            except Exception as exc:
-                if attempt >= self.attempts or not _transient(exc):
-                    if attempt > 1:
-                        raise RemoteError(
-                            f"{url}: download interrupted ({type(exc).__name__}: {first_line(exc)}; tried "
-                            f"{attempt} times); nothing was kept in the cache, run again to retry",
-                            systemic=_connection_error({type(e).__name__ for e in _chain(exc)}),
-                        ) from None
-                    raise
-                if not _is_prefix(fs, size):
-                    tmp.unlink(missing_ok=True)  # written in parallel parts, with holes: start again
-                got = tmp.stat().st_size if tmp.exists() else 0
-                log.warning(
-                    "%s: download broke off at %d of %s bytes (%s); resuming in %.1f s (try %d of %d)",
-                    url,
-                    got,
-                    size if size is not None else "?",
-                    first_line(exc),
-                    min(self.backoff_s * 2 ** (attempt - 1), 30.0),
-                    attempt + 1,
-                    self.attempts,
-                )
-                time.sleep(min(self.backoff_s * 2 ** (attempt - 1), 30.0))
-                attempt += 1
-                with self._lock:
-                    self.retried += 1
+        """Download into ``tmp``, resuming a try that breaks off (``seglight.data.downloads``)."""
+        try:
+            tries = download_resuming(fs, rpath, tmp, size, callback, self.attempts, self.backoff_s, url)
+        except GaveUp as failed:
+            exc = failed.__cause__ or failed
+            raise RemoteError(
+                f"{url}: download interrupted ({type(exc).__name__}: {first_line(exc)}; tried {failed.tries} "
+                "times); nothing was kept in the cache, run again to retry",
+                systemic=connection_error({type(e).__name__ for e in exception_chain(exc)}),
+            ) from None
+        with self._lock:
+            self.retried += tries - 1
         got = tmp.stat().st_size if tmp.exists() else 0
         if size is not None and got != size:
             raise RemoteError(f"{url}: download incomplete ({got} of {size} bytes); run again to retry")
-        if attempt > 1:
+        if tries > 1:
             # Pieces from several requests: they belong to one version only if the object did not change.
             fs.invalidate_cache(rpath)
             if self.local_path(url, fs.info(rpath)) != dest:
                 raise RemoteError(f"{url}: the object changed while it was downloaded; run again to fetch it")
-
-    def _resume(self, fs: Any, rpath: str, tmp: Path, size: int | None, callback: Any) -> None:
-        """Append the rest of the object to ``tmp`` with Range requests, from the bytes already there."""
-        offset = tmp.stat().st_size if tmp.exists() else 0
-        if size is None:
-            data = fs.cat_file(rpath, start=offset or None)
-            with open(tmp, "ab") as handle:
-                handle.write(data)
-            return
-        with open(tmp, "ab") as handle:
-            while offset < size:
-                end = min(offset + RESUME_CHUNK, size)
-                data = fs.cat_file(rpath, start=offset, end=end)
-                handle.write(data)
-                handle.flush()  # what arrived counts for the next try, should this one break too
-                offset += len(data)
-                callback.relative_update(len(data))
-                if not data:
-                    break
 
     def _prune_old_versions(self, dest: Path) -> None:
         # Older versions of the same object are dead weight once the new one is in place.
@@ -426,7 +373,7 @@ class RemoteCache:
 
     def _error(self, url: str, exc: BaseException, downloading: bool = False) -> RemoteError:
         """One clear message for what went wrong with ``url``, without the client's traceback."""
-        names = {type(e).__name__ for e in _chain(exc)}
+        names = {type(e).__name__ for e in exception_chain(exc)}
         detail = first_line(exc)
         bucket = url.split("://", 1)[1].split("/", 1)[0]
         if "NoCredentialsError" in names or "PartialCredentialsError" in names:
@@ -449,9 +396,9 @@ class RemoteCache:
         if downloading:
             return RemoteError(
                 f"{url}: download interrupted ({detail}); nothing was kept in the cache, run again to retry",
-                systemic=_connection_error(names),
+                systemic=connection_error(names),
             )
-        if _connection_error(names):
+        if connection_error(names):
             return RemoteError(f"{url}: cannot reach {self._endpoint()} ({detail})", systemic=True)
         return RemoteError(f"{url}: cannot be read ({type(exc).__name__}: {detail})")
 
@@ -489,31 +436,6 @@ def _find_local(base: Path, max_depth: int | None, limit: int | None = None) -> 
     return sorted(found[:limit] if limit is not None else found)
 
 
-def _transient(exc: BaseException) -> bool:
-    """Whether a failed download may succeed when tried again: a broken or stalled connection, a busy store."""
-    if is_disk_full(exc):
-        return False
-    chain = _chain(exc)
-    if any(isinstance(e, FileNotFoundError | PermissionError) for e in chain):
-        return False
-    names = {type(e).__name__ for e in chain}
-    if _connection_error(names) or names & {
-        "ClientOSError",
-        "ServerDisconnectedError",
-        "ResponseParserError",
-    }:
-        return True
-    text = " ".join(str(e) for e in chain)
-    return any(marker in text for marker in TRANSIENT_ANSWERS)
-
-
-def _is_prefix(fs: Any, size: int | None) -> bool:
-    """Whether a broken ``get_file`` leaves the object's first bytes in order (s3fs fetches large ones in parallel)."""
-    parallel = int(getattr(fs, "max_concurrency", 1) or 1) > 1
-    block = getattr(fs, "default_block_size", None)
-    return not (parallel and block and size and size > block)
-
-
 def _complete(dest: Path, size: int | None) -> bool:
     return dest.is_file() and (size is None or dest.stat().st_size == size)
 
@@ -528,21 +450,8 @@ def _remove_empty(folder: Path, stop: Path) -> None:
         folder = folder.parent
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 def _bucket_missing(exc: BaseException) -> bool:
     return any(
-        "NoSuchBucket" in type(e).__name__ or "bucket does not exist" in str(e).lower() for e in _chain(exc)
+        "NoSuchBucket" in type(e).__name__ or "bucket does not exist" in str(e).lower()
+        for e in exception_chain(exc)
     )
-
-
-def _connection_error(names: set[str]) -> bool:
-    markers = ("Connect", "Connection", "Endpoint", "Timeout", "Payload", "IncompleteRead", "Disconnected")
-    return any(marker in name for name in names for marker in markers)

@@ -18,6 +18,8 @@ from typing import Any
 
 import nibabel as nib
 
+from seglight.core.io import load_nifti
+
 STAMP_PREFIX = "seglight:"
 
 
@@ -64,7 +66,7 @@ def is_finished(mask: Path, value: str | None, also: Sequence[Path] = ()) -> boo
     if value is None or not mask.is_file() or not all(Path(p).is_file() for p in also):
         return False
     try:
-        found = nib.load(str(mask)).header["descrip"].item()
+        found = load_nifti(mask).header["descrip"].item()
     except Exception:  # not a NIfTI file we can read: predict it again
         return False
     return (found.decode("ascii", "replace") if isinstance(found, bytes) else str(found)) == value

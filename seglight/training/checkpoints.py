@@ -30,6 +30,8 @@ from torch import nn
 
 from seglight.core.errors import ConfigError, first_line
 from seglight.core.io import atomic_path, remove_partial_files
+from seglight.data.caching.datasets import nbytes
+from seglight.training.compatibility import check_fits
 
 log = logging.getLogger("seglight")
 
@@ -65,23 +67,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` through a temporary file beside it, fsync and rename: never a truncated file.
 
-    A full disk is one ``DiskFullError`` naming the folder and about the space the checkpoint needs (the size of
-    its tensors), the previous file left as it was.
+    A full disk is one ``DiskFullError`` naming the folder and the space needed; the previous file stays.
     """
     # Through a Python file, so a full disk surfaces as the OS error (torch's own writer reports only its offsets).
-    with atomic_path(path, size_hint=tensor_bytes(obj)) as tmp, open(tmp, "wb") as handle:
+    with atomic_path(path, size_hint=nbytes(obj)) as tmp, open(tmp, "wb") as handle:
         torch.save(obj, handle)
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors in a nested checkpoint structure: about the size it takes on disk."""
-    if isinstance(obj, torch.Tensor):
-        return obj.element_size() * obj.nelement()
-    if isinstance(obj, Mapping):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
 
 
 def remove_partial_checkpoints(folder: str | Path) -> list[Path]:
@@ -367,10 +357,7 @@ def resolve_checkpoint(
 
 
 def resume_candidates(folder: str | Path, hpc_folder: str | Path | None = None) -> list[Path]:
-    """Every checkpoint a run could continue from, newest first: ``last*.ckpt``, ``hpc_ckpt_<n>.ckpt``, ``best*.ckpt``.
-
-    Newest means the most training steps saved (then the newer file); those that cannot be read come last.
-    """
+    """A run's ``last*``, ``hpc_ckpt_<n>`` and ``best*`` checkpoints, most steps first (then newest; unreadable last)."""
     candidates = []
     for where, pattern in ((folder, LAST_PATTERN), (hpc_folder, HPC_PATTERN), (folder, BEST_PATTERN)):
         if where is not None and Path(where).is_dir():
@@ -385,13 +372,11 @@ def find_resumable_checkpoint(
     module: nn.Module | None = None,
     option: str = "resume=true",
 ) -> str | None:
-    """The newest checkpoint of a run that loads (see ``resume_candidates``), checked against ``module``; None if
-    the run has none.
+    """The newest checkpoint of a run that loads (``resume_candidates``), checked against ``module``; None if none.
 
-    A damaged one (cut short by a kill or a full disk, zero bytes, another tool's file, weights only) is named
-    with the reason and passed over for the next newest, and the one taken is named. One that loads but belongs
-    to another network or label set is refused (a ConfigError): the run's options are wrong, not the file. When
-    every checkpoint is damaged, a ConfigError names them.
+    A damaged one (cut short, empty, another tool's file, weights only) is named with the reason and passed over,
+    and the one taken is named; one of another network or label set is refused (ConfigError), as is a run whose
+    checkpoints are all damaged.
     """
     damaged: list[str] = []
     usable: list[tuple[Path, dict[str, Any]]] = []
@@ -431,10 +416,7 @@ def check_checkpoint(path: str | Path, module: nn.Module | None = None, option: 
 
 
 def training_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
-    """A checkpoint that training can continue from, read safely (tensors left on disk), or one ConfigError.
-
-    An FSDP sharded checkpoint folder gives its loop state only (FSDP reads the shards itself).
-    """
+    """A checkpoint training can continue from, read safely (tensors left on disk; FSDP folders: loop state only)."""
     subject = option if str(path) in option else f"{option} ({path})"
     if Path(path).is_dir():
         return _check_sharded_checkpoint(Path(path), subject)
@@ -447,49 +429,6 @@ def training_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
             "cannot continue from it; use the run's checkpoints/last.ckpt"
         )
     return checkpoint
-
-
-def check_fits(checkpoint: Mapping[str, Any], module: nn.Module, subject: str) -> None:
-    """ConfigError unless ``checkpoint`` was trained for ``module``'s labels and network (names, channels, shapes)."""
-    saved = checkpoint.get("hyper_parameters") or {}
-    own = getattr(module, "hparams", None) or {}
-    saved_labels, own_labels = _label_names(saved), _label_names(own)
-    if saved_labels and own_labels and saved_labels != own_labels:
-        raise ConfigError(
-            f"{subject}: trained for other labels ({_describe_labels(saved_labels)}; this run: "
-            f"{_describe_labels(own_labels)}); continue it with the data it was trained on, or start a new run "
-            "in another folder"
-        )
-    saved_out, own_out = _out_channels(saved), _out_channels(own)
-    if saved_out is not None and own_out is not None and saved_out != own_out:
-        raise ConfigError(
-            f"{subject}: trained with {saved_out} output channel(s), this run's network has {own_out}; "
-            "continue it with the labels and model options it was trained with (its run folder's "
-            ".hydra/config.yaml)"
-        )
-    mismatch = _state_dict_mismatch(checkpoint["state_dict"], module.state_dict())
-    if mismatch:
-        saved_net = saved.get("net", {})
-        target = saved_net.get("_target_", "another network") if isinstance(saved_net, Mapping) else ""
-        raise ConfigError(
-            f"{subject}: saved from a different network ({target}; {mismatch}); continue it with the "
-            "model options it was trained with (its run folder's .hydra/config.yaml)"
-        )
-
-
-def _label_names(hparams: Mapping[str, Any]) -> dict[int, str]:
-    names = hparams.get("label_names") if isinstance(hparams, Mapping) else None
-    return {int(k): str(v) for k, v in names.items()} if isinstance(names, Mapping) else {}
-
-
-def _describe_labels(names: Mapping[int, str]) -> str:
-    return ", ".join(f"{value}={name}" for value, name in sorted(names.items()))
-
-
-def _out_channels(hparams: Mapping[str, Any]) -> int | None:
-    net = hparams.get("net") if isinstance(hparams, Mapping) else None
-    value = net.get("out_channels") if isinstance(net, Mapping) else None
-    return int(value) if isinstance(value, int) else None
 
 
 def _check_sharded_checkpoint(path: Path, subject: str) -> dict[str, Any]:
@@ -506,26 +445,6 @@ def _check_sharded_checkpoint(path: Path, subject: str) -> dict[str, Any]:
             f"{subject}: a sharded checkpoint folder without training state ({', '.join(missing)})"
         )
     return dict(meta)
-
-
-def _state_dict_mismatch(saved: Mapping[str, Any], current: Mapping[str, torch.Tensor]) -> str:
-    """A short description of how two state dicts differ, or '' if they have the same keys and shapes."""
-    missing = [k for k in current if k not in saved]
-    unexpected = [k for k in saved if k not in current]
-    reshaped = [
-        k for k in current if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(current[k].shape)
-    ]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} tensors missing, e.g. {missing[0]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-    if reshaped:
-        k = reshaped[0]
-        parts.append(
-            f"{len(reshaped)} of another shape, e.g. {k} {list(saved[k].shape)} vs {list(current[k].shape)}"
-        )
-    return "; ".join(parts)
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:

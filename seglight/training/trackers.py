@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from seglight.core.console import wants_everything
 from seglight.core.errors import ConfigError, DiskFullError, SeglightError
 from seglight.core.io import disk_full_error, free_bytes
-from seglight.training.checkpoints import checkpoint_dir, tensor_bytes
+from seglight.data.caching.datasets import nbytes
+from seglight.training.checkpoints import checkpoint_dir
 
 log = logging.getLogger("seglight")
 
@@ -403,7 +404,7 @@ def run_disk_full(trainer: L.Trainer, exc: BaseException) -> DiskFullError:
     sizes = [p.stat().st_size for p in checkpoints.glob("*.ckpt")] if checkpoints.is_dir() else []
     if not sizes and trainer.lightning_module is not None:
         # No checkpoint yet: the weights and, with Adam, two moments of each.
-        sizes = [3 * tensor_bytes(trainer.lightning_module.state_dict())]
+        sizes = [3 * nbytes(dict(trainer.lightning_module.state_dict()))]
     return disk_full_error(
         folder,
         max(sizes, default=0),
