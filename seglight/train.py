@@ -63,9 +63,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except Exception as exc:
             if isinstance(exc, DiskFullError) or not is_disk_full(exc):
                 raise
-            raise run_disk_full(
-                trainer, exc
-            ) from None  # a tracker's or logger's write, not through atomic_path
+            # A full disk met by a tracker's or a logger's own write (atomic_path reports those it makes).
+            raise run_disk_full(trainer, exc) from None
         finish_trackers(trainer)
         summary = write_summary(trainer, cfg.paths.output_dir, "completed", time.monotonic() - started)
     leave_run()

@@ -26,7 +26,7 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from seglight.core.errors import ConfigError, DataError, find_user_error, first_line
+from seglight.core.errors import ConfigError, DataError, DiskFullError, find_user_error, first_line
 from seglight.core.io import atomic_path, load_nifti
 from seglight.core.utils import plain
 from seglight.data.caching.files import hold
@@ -462,9 +462,8 @@ class PredictionReport:
     output: Path
     written: dict[str, Path] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # case -> what went wrong, naming the file
-    kept: dict[str, Path] = field(
-        default_factory=dict
-    )  # masks an earlier run of the same prediction finished
+    # Masks that an earlier run of the same prediction finished, kept.
+    kept: dict[str, Path] = field(default_factory=dict)
 
     def raise_for_failures(self) -> None:
         """A DataError naming every input that could not be predicted, if any."""
@@ -510,6 +509,8 @@ def predict_cases(
             result = predictor.predict_case(image, keep_probabilities=save_probabilities)
         except Exception as exc:  # one bad scan (unreadable, too large for memory...) must not stop the rest
             user_error = find_user_error(exc)  # MONAI's Compose wraps the DataError our loader raises
+            if isinstance(user_error, DiskFullError):
+                raise user_error from None  # every further case would fail the same way
             if user_error is not None:
                 why = first_line(user_error)  # it names the file
                 log.error("[%d/%d] %s: FAILED: %s", number, len(cases), case.case_id, why)
