@@ -9,8 +9,8 @@ A flaky store is ridden out in three layers: botocore retries each request (``st
 exponential backoff) when the store answers 500/503/``SlowDown`` or the connection fails; s3fs resumes a body
 read that breaks or stalls (``read_timeout``) with a Range request; and a download that still fails is resumed
 here from where its partial file stopped, ``RemoteCache.attempts`` times in all, before one line names the object.
-The first two are the clients' own settings (``data.remote.options.config_kwargs``, ``retries``) and can be
-changed there.
+botocore's retries and timeouts are set with ``data.remote.options.config_kwargs`` (``retries``,
+``read_timeout``, ``connect_timeout``).
 
 Credentials come from the standard AWS chain (environment, ``AWS_PROFILE``, instance role); an S3-compatible store
 is reached through ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` or ``data.remote.endpoint_url``. Nothing here

@@ -106,7 +106,8 @@ class Run:
 def test_sigkill_at_each_awkward_moment_then_resume_finishes(tmp_path: Path, cache_dir: Path) -> None:
     run = Run(tmp_path, cache_dir)
     kill = {"name": "SIGKILL"}
-    run.kill_at(plug_callback("kill", "SignalWhenFileAppears", pattern=run.cache / ".*partial*", **kill))
+    # In the middle of the cache fill: its first entry is written, the others are not.
+    run.kill_at(plug_callback("kill", "SignalWhenFileAppears", pattern=run.cache / "*.pt", **kill))
     run.kill_at(plug_callback("kill", "SignalInHook", hook="on_train_start", **kill))
     run.kill_at(plug_callback("kill", "SignalInHook", hook="on_before_optimizer_step", step=1, **kill))
     run.kill_at(plug_callback("kill", "SignalInHook", hook="on_validation_batch_start", step=3, **kill))
