@@ -48,9 +48,11 @@ def run(cfg: DictConfig) -> PredictionReport:
         endpoint_url=cfg.get("endpoint_url"),
         image_pattern=plain(cfg.get("image_pattern")),
         output_format=plain(cfg.get("output_format", "nifti")),
+        overwrite=bool(cfg.get("overwrite", False)),
     )
     segs = f" ({len(report.dicom_seg)} as DICOM SEG)" if report.dicom_seg else ""
-    print(f"Wrote {len(report.written)} mask(s){segs} to {report.output}", flush=True)
+    kept = f" (kept {len(report.kept)} finished earlier)" if report.kept else ""
+    print(f"Wrote {len(report.written)} mask(s){segs} to {report.output}{kept}", flush=True)
     report.raise_for_failures()
     return report
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,42 @@ def s3() -> Iterator[S3]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Mounts size-limited file systems (tmpfs of ``size`` bytes) for a test, and unmounts them afterwards.
+
+    Mounting needs root (or the mount capability): elsewhere the test is skipped, saying so.
+    """
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"small-disk-{len(mounted)}"
+        where.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command here: cannot set up a size-limited file system")
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {result.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """A finished tiny run (2 epochs, last.ckpt refreshed every 2 steps): checkpoints to resume, damage, predict."""
+    from seglight.train import train
+    from tests.helpers import tiny_config
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny_config(run_dir, "callbacks.preemption.every_n_train_steps=2"))
+    return run_dir

@@ -123,18 +123,19 @@ def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def train_in_process(overrides: list[str], run_dir: Path) -> int:
+def train_in_process(overrides: list[str], run_dir: Path, quiet: bool = True) -> int:
     """Do what ``python -m seglight.train overrides`` does, in this process; returns the exit status.
 
     Errors are reported as the entry point reports them (one ``seglight.train: error: ...`` line on stderr,
-    status 2), without paying a subprocess's start-up: read the message with pytest's ``capsys``.
+    status 2), without paying a subprocess's start-up: read the message with pytest's ``capsys``. ``quiet``
+    drops the trackers and callbacks (checkpoints, preemption...) that the test does not need.
     """
     from seglight.config.builder import compose
     from seglight.core.errors import reported_errors
     from seglight.train import train
 
-    quiet = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false"]
-    cfg = compose([*overrides, *quiet], output_dir=run_dir)
+    quiet_overrides = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false"] if quiet else []
+    cfg = compose([*overrides, *quiet_overrides], output_dir=run_dir)
     try:
         with reported_errors("seglight.train"):
             train(cfg)
@@ -471,3 +472,14 @@ def intensity_checkpoint(
     trainer.fit(module, datamodule=datamodule)
     trainer.save_checkpoint(path)
     return path
+
+
+def plug_callback(key: str, target: str, /, **settings: object) -> str:
+    """The override that adds a test callback to a run: ``+callbacks.<key>={_target_:tests.callbacks.<target>,...}``.
+
+    Strings are quoted, so paths and glob patterns pass Hydra's override grammar.
+    """
+    items = [f"_target_:tests.callbacks.{target}"]
+    for setting, value in settings.items():
+        items.append(f"{setting}:'{value}'" if isinstance(value, str | Path) else f"{setting}:{value}")
+    return f"+callbacks.{key}={{{','.join(items)}}}"

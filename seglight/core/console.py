@@ -15,9 +15,12 @@ import logging
 import os
 import re
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
+
+from seglight.core.io import is_disk_full
 
 log = logging.getLogger("seglight")
 
@@ -142,6 +145,8 @@ def setup(verbose: bool | None = None) -> bool:
         for noise in WARNING_NOISE:
             _ignore(noise)
     _quiet_startup_loggers(not verbose)
+    if threading.excepthook is not _thread_exception:
+        threading.excepthook = _thread_exception
     return verbose
 
 
@@ -168,6 +173,15 @@ def setup_library() -> None:
     for noise in WARNING_NOISE:
         _ignore(noise)
     _quiet_startup_loggers(True)
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    """Threads' uncaught exceptions as Python prints them, except a full disk in TensorBoard's writer thread: the
+    run's main thread meets the same error at its next write and reports it in one line."""
+    writer = type(args.thread).__name__ == "_AsyncWriterThread"
+    if writer and args.exc_value is not None and is_disk_full(args.exc_value):
+        return
+    threading.__excepthook__(args)
 
 
 def resuming() -> None:

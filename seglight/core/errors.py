@@ -22,10 +22,15 @@ class ConfigError(SeglightError):
     """An option or combination of options that cannot work."""
 
 
+class DiskFullError(SeglightError):
+    """A write that found no space left on its disk (or the user's quota spent): the folder and the space it needs."""
+
+
 _ERROR_TYPES: dict[str, type[SeglightError]] = {
     "SeglightError": SeglightError,
     "DataError": DataError,
     "ConfigError": ConfigError,
+    "DiskFullError": DiskFullError,
 }
 _WORKER_ERROR_LINE = re.compile(r"^seglight\.core\.errors\.(\w+): (.+)$", re.MULTILINE)
 

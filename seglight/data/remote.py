@@ -5,6 +5,13 @@ is a hash of the object's ETag (or modification time) and size: a changed object
 again, an unchanged one is a cache hit. Downloads go to a temporary name in the same folder and are renamed into
 place only when complete, under a file lock, so several DataLoader workers, threads or ranks can share one cache.
 
+A flaky store is ridden out in three layers: botocore retries each request (``standard`` mode, 5 attempts, with
+exponential backoff) when the store answers 500/503/``SlowDown`` or the connection fails; s3fs resumes a body
+read that breaks or stalls (``read_timeout``) with a Range request; and a download that still fails is resumed
+here from where its partial file stopped, ``RemoteCache.attempts`` times in all, before one line names the object.
+botocore's retries and timeouts are set with ``data.remote.options.config_kwargs`` (``retries``,
+``read_timeout``, ``connect_timeout``).
+
 Credentials come from the standard AWS chain (environment, ``AWS_PROFILE``, instance role); an S3-compatible store
 is reached through ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` or ``data.remote.endpoint_url``. Nothing here
 stores or prints a secret.
@@ -26,15 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seglight.core.errors import ConfigError, DataError, first_line
+from seglight.core.errors import ConfigError, DataError, DiskFullError, first_line
 from seglight.core.io import atomic_path
 from seglight.data.caching.files import record_use
+from seglight.data.downloads import GaveUp, connection_error, download_resuming, exception_chain
 
 log = logging.getLogger("seglight")
 
 DOWNLOAD_THREADS = 8  # downloads wait on the network, not the CPU
 SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key"}
 SECRET_OPTIONS |= {"aws_session_token", "session_token", "access_key", "secret_key"}
+# botocore's retries for each request to S3, unless data.remote.options.config_kwargs.retries says otherwise.
+S3_RETRIES = {"max_attempts": 5, "mode": "standard"}
 
 
 def default_cache_dir() -> Path:
@@ -107,6 +117,9 @@ class RemoteCache:
         endpoint_url: an S3-compatible endpoint; ``None`` lets boto use ``AWS_ENDPOINT_URL(_S3)`` or AWS itself.
         options: further fsspec/s3fs settings (``anon``, ``requester_pays``, ``config_kwargs``...); never
             credentials.
+        attempts: how many times a download is tried (each try with the clients' own retries), resuming from
+            where the previous try stopped, before it fails with one line naming the object.
+        backoff_s: the wait before the second try; it doubles with each further try (at most 30 s).
     """
 
     cache_dir: Path = field(default_factory=lambda: default_cache_dir() / "remote")
@@ -114,6 +127,9 @@ class RemoteCache:
     options: dict[str, Any] = field(default_factory=dict)
     downloaded: int = 0
     downloaded_bytes: int = 0
+    attempts: int = 3
+    backoff_s: float = 1.0
+    retried: int = 0  # downloads resumed after a failed try
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()
@@ -255,9 +271,13 @@ class RemoteCache:
                 problems[url] = str(err)
 
         one(pending[0])  # a systemic problem surfaces once, before a burst of parallel requests
-        with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
+        pool = ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS)
+        try:
             for future in [pool.submit(one, url) for url in pending[1:]]:
                 future.result()
+        finally:
+            # On a systemic problem or a signal (SIGTERM), the downloads not started yet are dropped.
+            pool.shutdown(wait=True, cancel_futures=True)
         return fetched, problems
 
     def local_path(self, url: str, info: dict[str, Any]) -> Path:
@@ -277,22 +297,42 @@ class RemoteCache:
     def _download(self, fs: Any, rpath: str, url: str, dest: Path, size: int | None, callback: Any) -> None:
         from fsspec.callbacks import NoOpCallback
 
+        callback = callback or NoOpCallback()
         try:
-            with atomic_path(dest, durable=False) as tmp:  # a lost copy is fetched again
-                fs.get_file(rpath, str(tmp), callback=callback or NoOpCallback())
-                got = tmp.stat().st_size if tmp.exists() else 0
-                if size is not None and got != size:
-                    raise RemoteError(
-                        f"{url}: download incomplete ({got} of {size} bytes); run again to retry"
-                    )
+            with atomic_path(dest, durable=False, size_hint=size) as tmp:  # a lost copy is fetched again
+                self._download_with_retries(fs, rpath, url, tmp, dest, size, callback)
         except BaseException as exc:
             _remove_empty(dest.parent, self.cache_dir)
-            if isinstance(exc, RemoteError) or not isinstance(exc, Exception):
+            if isinstance(exc, RemoteError | DiskFullError) or not isinstance(exc, Exception):
                 raise
             raise self._error(url, exc, downloading=True) from None
         with self._lock:
             self.downloaded += 1
             self.downloaded_bytes += dest.stat().st_size
+
+    def _download_with_retries(
+        self, fs: Any, rpath: str, url: str, tmp: Path, dest: Path, size: int | None, callback: Any
+    ) -> None:
+        """Download into ``tmp``, resuming a try that breaks off (``seglight.data.downloads``)."""
+        try:
+            tries = download_resuming(fs, rpath, tmp, size, callback, self.attempts, self.backoff_s, url)
+        except GaveUp as failed:
+            exc = failed.__cause__ or failed
+            raise RemoteError(
+                f"{url}: download interrupted ({type(exc).__name__}: {first_line(exc)}; tried {failed.tries} "
+                "times); nothing was kept in the cache, run again to retry",
+                systemic=connection_error({type(e).__name__ for e in exception_chain(exc)}),
+            ) from None
+        with self._lock:
+            self.retried += tries - 1
+        got = tmp.stat().st_size if tmp.exists() else 0
+        if size is not None and got != size:
+            raise RemoteError(f"{url}: download incomplete ({got} of {size} bytes); run again to retry")
+        if tries > 1:
+            # Pieces from several requests: they belong to one version only if the object did not change.
+            fs.invalidate_cache(rpath)
+            if self.local_path(url, fs.info(rpath)) != dest:
+                raise RemoteError(f"{url}: the object changed while it was downloaded; run again to fetch it")
 
     def _prune_old_versions(self, dest: Path) -> None:
         # Older versions of the same object are dead weight once the new one is in place.
@@ -316,6 +356,10 @@ class RemoteCache:
         options: dict[str, Any] = {**self.options, "skip_instance_cache": True}
         if protocol in ("s3", "s3a") and self.endpoint_url:
             options["endpoint_url"] = self.endpoint_url
+        if protocol in ("s3", "s3a"):
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("retries", dict(S3_RETRIES))
+            options["config_kwargs"] = config
         try:
             return fsspec.filesystem(protocol, **options)
         except (ImportError, ValueError) as exc:
@@ -329,7 +373,7 @@ class RemoteCache:
 
     def _error(self, url: str, exc: BaseException, downloading: bool = False) -> RemoteError:
         """One clear message for what went wrong with ``url``, without the client's traceback."""
-        names = {type(e).__name__ for e in _chain(exc)}
+        names = {type(e).__name__ for e in exception_chain(exc)}
         detail = first_line(exc)
         bucket = url.split("://", 1)[1].split("/", 1)[0]
         if "NoCredentialsError" in names or "PartialCredentialsError" in names:
@@ -352,9 +396,9 @@ class RemoteCache:
         if downloading:
             return RemoteError(
                 f"{url}: download interrupted ({detail}); nothing was kept in the cache, run again to retry",
-                systemic=_connection_error(names),
+                systemic=connection_error(names),
             )
-        if _connection_error(names):
+        if connection_error(names):
             return RemoteError(f"{url}: cannot reach {self._endpoint()} ({detail})", systemic=True)
         return RemoteError(f"{url}: cannot be read ({type(exc).__name__}: {detail})")
 
@@ -406,21 +450,8 @@ def _remove_empty(folder: Path, stop: Path) -> None:
         folder = folder.parent
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 def _bucket_missing(exc: BaseException) -> bool:
     return any(
-        "NoSuchBucket" in type(e).__name__ or "bucket does not exist" in str(e).lower() for e in _chain(exc)
+        "NoSuchBucket" in type(e).__name__ or "bucket does not exist" in str(e).lower()
+        for e in exception_chain(exc)
     )
-
-
-def _connection_error(names: set[str]) -> bool:
-    markers = ("Connect", "Connection", "Endpoint", "Timeout", "Payload", "IncompleteRead", "Disconnected")
-    return any(marker in name for name in names for marker in markers)

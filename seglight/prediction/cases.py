@@ -7,6 +7,7 @@ Each mask is written as NIfTI (``<case>.nii.gz``) and, for a DICOM series, as a 
 
 from __future__ import annotations
 
+import gzip
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -17,10 +18,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from seglight.core.errors import ConfigError, DataError, find_user_error, first_line
+from seglight.core.errors import ConfigError, DataError, DiskFullError, find_user_error, first_line
 from seglight.core.io import atomic_path
+from seglight.data.caching.files import hold
 from seglight.data.remote import RemoteCache, default_cache_dir, is_remote
 from seglight.prediction.dicom_seg import require_highdicom, write_dicom_seg
+from seglight.prediction.finished import case_stamp, is_finished, model_fingerprint, stamp
 from seglight.prediction.inputs import InputCase, list_inputs
 from seglight.prediction.predictor import Predictor
 from seglight.training.checkpoints import model_checkpoints
@@ -52,8 +55,11 @@ def _localize(image: str | list[str], store: RemoteCache) -> str | list[str]:
 
 
 def save_nifti(image: nib.Nifti1Image, path: Path) -> None:
-    """Write ``image`` atomically (``seglight.core.io.atomic_path``): no half-written mask is ever left."""
-    with atomic_path(path) as tmp:
+    """Write ``image`` atomically (``seglight.core.io.atomic_path``): no half-written mask is ever left.
+
+    On a full disk, the message gives the size of the compressed image (computed only then).
+    """
+    with atomic_path(path, size_hint=lambda: len(gzip.compress(image.to_bytes(), compresslevel=1))) as tmp:
         nib.save(image, tmp)
 
 
@@ -65,12 +71,14 @@ class PredictionReport:
     written: dict[str, Path] = field(default_factory=dict)  # case -> its mask (NIfTI, else DICOM SEG)
     failed: dict[str, str] = field(default_factory=dict)  # case -> what went wrong, naming the file
     dicom_seg: dict[str, Path] = field(default_factory=dict)  # case -> its DICOM SEG, when written
+    # Masks that an earlier run of the same prediction finished, kept.
+    kept: dict[str, Path] = field(default_factory=dict)
 
     def raise_for_failures(self) -> None:
         """A DataError naming every input that could not be predicted, if any."""
         if not self.failed:
             return
-        total = len(self.failed) + len(self.written)
+        total = len(self.failed) + len(self.written) + len(self.kept)
         lines = "\n  ".join(self.failed.values())
         raise DataError(f"{len(self.failed)} of {total} input(s) could not be predicted:\n  {lines}")
 
@@ -82,32 +90,52 @@ def predict_cases(
     save_probabilities: bool = False,
     store: RemoteCache | None = None,
     formats: Sequence[str] = (NIFTI,),
+    overwrite: bool = False,
 ) -> PredictionReport:
     """Predict each case into ``output/<case>.nii.gz`` (and ``output/probabilities/``), one failure at a time.
 
     ``formats`` (``output_formats``): ``dicom_seg`` also (or instead) writes ``output/<case>.dcm`` for a case
     that is a DICOM series. A case that cannot be read or used is logged and recorded, naming its file as the
-    user gave it (a URL, a DICOM series), and the others are still predicted.
+    user gave it (a URL, a DICOM series), and the others are still predicted. A case whose outputs an earlier
+    run of the same prediction finished is kept (see ``seglight.prediction.finished``), unless ``overwrite``; the
+    NIfTI mask is written last, so a mask in place means its case is complete.
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     report = PredictionReport(output=output)
     store = store or RemoteCache()
     labels = predictor.models[0].task()["label_names"]
+    fingerprint = prediction_fingerprint(predictor)
     for number, case in enumerate(cases, start=1):
         started = time.perf_counter()
         image = case.image
+        target = output / f"{case.case_id}.nii.gz"
+        seg = output / f"{case.case_id}.dcm"
+        probability_file = output / "probabilities" / f"{case.case_id}.nii.gz"
+        with_seg = DICOM_SEG in formats and case.series is not None
         try:
             image = _localize(case.image, store)
+            case_mark = case_stamp(fingerprint, image)
+            others = [probability_file] * save_probabilities + [seg] * with_seg
+            # Only a stamped NIfTI mask tells a finished case (a DICOM SEG alone is written again).
+            if (
+                not overwrite
+                and (NIFTI in formats or not with_seg)
+                and is_finished(target, case_mark, others)
+            ):
+                report.kept[case.case_id] = target
+                log.info("[%d/%d] %s: kept %s (finished earlier)", number, len(cases), case.case_id, target)
+                continue
             result = predictor.predict_case(image, keep_probabilities=save_probabilities)
-            if DICOM_SEG in formats and case.series is not None:
-                seg = output / f"{case.case_id}.dcm"
+            if with_seg:
                 write_dicom_seg(
                     result.mask, result.reference.affine, case.series, seg, labels, _model_name(predictor)
                 )
                 report.dicom_seg[case.case_id] = seg
         except Exception as exc:  # one bad scan (unreadable, too large for memory...) must not stop the rest
             user_error = find_user_error(exc)  # MONAI's Compose wraps the DataError our loader raises
+            if isinstance(user_error, DiskFullError):
+                raise user_error from None  # every further case would fail the same way
             if user_error is not None:
                 why = _as_given(first_line(user_error), image, case)  # it names the file
                 log.error("[%d/%d] %s: FAILED: %s", number, len(cases), case.case_id, why)
@@ -117,12 +145,12 @@ def predict_cases(
             report.failed[case.case_id] = why
             continue
         written = [report.dicom_seg[case.case_id]] if case.case_id in report.dicom_seg else []
-        if NIFTI in formats or not written:  # a scan that is no DICOM series has its NIfTI mask at least
-            written.insert(0, output / f"{case.case_id}.nii.gz")
-            save_nifti(result.mask_image(), written[0])
         probabilities = result.probability_image()
-        if probabilities is not None:
-            save_nifti(probabilities, output / "probabilities" / f"{case.case_id}.nii.gz")
+        if probabilities is not None:  # before the mask: a mask in place means its case is complete
+            save_nifti(probabilities, probability_file)
+        if NIFTI in formats or not written:  # a scan that is no DICOM series has its NIfTI mask at least
+            written.insert(0, target)
+            save_nifti(stamp(result.mask_image(), case_mark), target)
         report.written[case.case_id] = written[0]
         found = ", ".join(str(v) for v in np.unique(result.mask) if v != 0) or "none"
         log.info(
@@ -136,6 +164,18 @@ def predict_cases(
             time.perf_counter() - started,
         )
     return report
+
+
+def prediction_fingerprint(predictor: Predictor) -> str | None:
+    """What ``predictor`` computes (its checkpoints and options), for telling a rerun's finished masks."""
+    options = {
+        "inference": predictor.inference,
+        "tta": predictor.tta,
+        "amp": predictor.amp,
+        "largest_component": predictor.largest_component,
+        "data": [model.data for model in predictor.models],
+    }
+    return model_fingerprint([model.name for model in predictor.models], options)
 
 
 def _as_given(message: str, local: str | list[str], case: InputCase) -> str:
@@ -169,12 +209,14 @@ def predict(
     endpoint_url: str | None = None,
     image_pattern: str | Sequence[str] | None = None,
     output_format: str | Sequence[str] = NIFTI,
+    overwrite: bool = False,
 ) -> PredictionReport:
     """Segment every image of ``input`` with the model(s) of ``ckpt`` into ``output`` (see ``seglight.predict``).
 
     ``ckpt`` is a checkpoint file, a run folder, a folder of runs (the folds of a cross-validation) or a list of
     these; several models are an ensemble whose probabilities are averaged. ``output_format``: ``nifti``,
-    ``dicom_seg`` (for DICOM series: a DICOM Segmentation of each) or a list of both.
+    ``dicom_seg`` (for DICOM series: a DICOM Segmentation of each) or a list of both. Masks that an earlier run
+    of the same prediction finished in ``output`` are kept, unless ``overwrite``.
     """
     formats = output_formats(output_format)
     if DICOM_SEG in formats:
@@ -202,9 +244,13 @@ def predict(
             "or use output_format=nifti"
         )
     cases = [case for case in listed if case.problem is None]
+    if any(
+        is_remote(f) for case in cases for f in ([case.image] if isinstance(case.image, str) else case.image)
+    ):
+        hold(store.cache_dir)  # a cache prune meanwhile keeps the scans this prediction fetches
     _check_no_overwrite(cases, Path(output))
     log.info("Predicting %d image(s) with %s", len(cases), predictor.describe())
-    report = predict_cases(predictor, cases, output, save_probabilities, store, formats)
+    report = predict_cases(predictor, cases, output, save_probabilities, store, formats, overwrite=overwrite)
     for case in listed:
         if case.problem is not None:  # a subject folder without a channel, say: named, the others written
             log.error("%s: FAILED: %s", case.case_id, case.problem)

@@ -29,6 +29,8 @@ from torch import nn
 
 from seglight.core.errors import ConfigError, SeglightError, first_line
 from seglight.core.io import atomic_path, remove_partial_files
+from seglight.data.caching.datasets import nbytes
+from seglight.training.compatibility import check_fits
 from seglight.training.summary import read_summary
 
 log = logging.getLogger("seglight")
@@ -40,9 +42,13 @@ HPC_PATTERN = re.compile(r"^hpc_ckpt_\d+\.ckpt$")
 # FSDP's sharded checkpoints are folders: this file holds their loop state, next to one file of shards per rank.
 SHARDED_META = "meta.pt"
 # The best checkpoints conf/callbacks/default.yaml names: best-epochNNN-diceX.XXXX.ckpt.
+BEST_PATTERN = re.compile(r"^best.*\.ckpt$")
 BEST_DICE = re.compile(r"dice(\d+(?:\.\d+)?)")
 # What a Lightning checkpoint written by Trainer.fit holds, beyond the weights, to continue training.
 TRAINING_STATE_KEYS = ("epoch", "global_step", "loops", "optimizer_states")
+# How torch.save's files start: a zip archive (since torch 1.6), or the legacy format's pickle protocol 2.
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = b"\x80\x02"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,9 +65,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` through a temporary file beside it, fsync and rename: never a truncated file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` to ``path`` through a temporary file beside it, fsync and rename: never a truncated file.
+
+    A full disk is one ``DiskFullError`` naming the folder and the space needed; the previous file stays.
+    """
+    # Through a Python file, so a full disk surfaces as the OS error (torch's own writer reports only its offsets).
+    with atomic_path(path, size_hint=nbytes(obj)) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def remove_partial_checkpoints(folder: str | Path) -> list[Path]:
@@ -127,6 +137,10 @@ def safe_load(path: str | Path, option: str | None = None, mmap: bool = False) -
         subject = f"{subject} ({path})"
     if not path.is_file():
         raise ConfigError(f"{subject}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise ConfigError(
+            f"{subject}: not a readable PyTorch checkpoint (an empty file, 0 bytes: a write that never finished)"
+        )
     # torch < 2.5 has no allow-list; its weights_only loader then refuses OmegaConf hyperparameters too.
     allowed = (
         torch.serialization.safe_globals(_safe_globals())
@@ -145,9 +159,9 @@ def safe_load(path: str | Path, option: str | None = None, mmap: bool = False) -
     except pickle.UnpicklingError as exc:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if wanted is None:  # not a pickle PyTorch can read at all
-            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            why = detail.group(1).strip() if detail else "not a PyTorch pickle"
-            raise ConfigError(f"{subject}: not a readable PyTorch checkpoint ({why})") from None
+            raise ConfigError(
+                f"{subject}: not a readable PyTorch checkpoint ({_unreadable(path, exc)})"
+            ) from None
         raise ConfigError(
             f"{subject}: refused: loading it would run code from the file (it references {wanted.group(1)}), "
             "and seglight loads checkpoints with PyTorch's weights_only=True, which allows only tensors and "
@@ -156,8 +170,7 @@ def safe_load(path: str | Path, option: str | None = None, mmap: bool = False) -
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ConfigError(
-            f"{subject}: not a readable PyTorch checkpoint (truncated, damaged or another format: "
-            f"{first_line(exc)})"
+            f"{subject}: not a readable PyTorch checkpoint ({_unreadable(path, exc)})"
         ) from None
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise ConfigError(
@@ -165,6 +178,22 @@ def safe_load(path: str | Path, option: str | None = None, mmap: bool = False) -
             "files of a seglight run"
         )
     return dict(checkpoint)
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """Why torch could not read ``path``: cut short (a PyTorch archive without its end), or another format."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head.startswith(ZIP_MAGIC):
+        return (
+            f"truncated or damaged: a PyTorch archive of {path.stat().st_size} bytes whose end is missing or "
+            f"broken: {first_line(exc)}"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+    why = detail.group(1).strip() if detail else first_line(exc)
+    if head.startswith(LEGACY_MAGIC):
+        return f"truncated or damaged: {why}"
+    return f"another format, not a PyTorch file: it starts with {head!r}"
 
 
 def checkpoint_dir(trainer: L.Trainer) -> Path:
@@ -314,21 +343,21 @@ def resolve_checkpoint(
     if ckpt_path in (None, ""):
         if not resume:
             return None
-        found = find_last_checkpoint(checkpoint_dir, run_dir)
+        found = find_resumable_checkpoint(checkpoint_dir, run_dir, module, option="resume=true")
         if found is None:
             log.info("resume=true: no last.ckpt in %s yet, so this is a fresh start.", checkpoint_dir)
             return None
         log.info("resume=true: continuing from %s", found)
-        return check_checkpoint(found, module, option="resume=true")
+        return found
     text = str(ckpt_path)
     if text == "last":
-        found = find_last_checkpoint(checkpoint_dir, run_dir)
+        found = find_resumable_checkpoint(checkpoint_dir, run_dir, module, option="ckpt_path=last")
         if found is None:
             raise ConfigError(
                 f"ckpt_path=last: no last.ckpt in {checkpoint_dir}. To continue a run, rerun in its folder "
                 "(hydra.run.dir=<run folder> ckpt_path=last, or resume=true), or give ckpt_path=<file>."
             )
-        return check_checkpoint(found, module, option="ckpt_path=last")
+        return found
     path = Path(text).expanduser()
     if path.is_dir() and not _is_checkpoint(path):
         found = find_last_checkpoint(path / "checkpoints", path) or find_last_checkpoint(path)
@@ -342,13 +371,67 @@ def resolve_checkpoint(
     return check_checkpoint(path, module, option=f"ckpt_path={ckpt_path}")
 
 
+def resume_candidates(folder: str | Path, hpc_folder: str | Path | None = None) -> list[Path]:
+    """A run's ``last*``, ``hpc_ckpt_<n>`` and ``best*`` checkpoints, most steps first (then newest; unreadable last)."""
+    candidates = []
+    for where, pattern in ((folder, LAST_PATTERN), (hpc_folder, HPC_PATTERN), (folder, BEST_PATTERN)):
+        if where is not None and Path(where).is_dir():
+            candidates += [p for p in Path(where).iterdir() if pattern.match(p.name) and _is_checkpoint(p)]
+    steps = {path: _saved_step(path) for path in dict.fromkeys(candidates)}
+    return sorted(steps, key=lambda p: (steps[p], p.stat().st_mtime_ns), reverse=True)
+
+
+def find_resumable_checkpoint(
+    folder: str | Path,
+    hpc_folder: str | Path | None = None,
+    module: nn.Module | None = None,
+    option: str = "resume=true",
+) -> str | None:
+    """The newest checkpoint of a run that loads (``resume_candidates``), checked against ``module``; None if none.
+
+    A damaged one (cut short, empty, another tool's file, weights only) is named with the reason and passed over,
+    and the one taken is named; one of another network or label set is refused (ConfigError), as is a run whose
+    checkpoints are all damaged.
+    """
+    damaged: list[str] = []
+    usable: list[tuple[Path, dict[str, Any]]] = []
+    for path in resume_candidates(folder, hpc_folder):  # every one is read: each damaged one is named
+        try:
+            usable.append((path, training_checkpoint(path, option)))
+        except ConfigError as err:
+            damaged.append(f"{path.name}: {str(err).split(': ', 1)[-1]}")
+            log.warning("%s; passing it over", err)
+    if not usable:
+        if damaged:
+            raise ConfigError(
+                f"{option}: no checkpoint in {folder} can be read ({'; '.join(damaged)}); move them away to "
+                "start afresh, or give ckpt_path=<a checkpoint that loads>"
+            )
+        return None
+    path, checkpoint = usable[0]
+    if module is not None and not path.is_dir():
+        check_fits(checkpoint, module, f"{option} ({path})")
+    if damaged:
+        log.warning("%s: continuing from %s, the newest checkpoint of the run that loads", option, path)
+    return str(path)
+
+
 def check_checkpoint(path: str | Path, module: nn.Module | None = None, option: str | None = None) -> str:
     """``path`` as a string if it is a complete Lightning training checkpoint that fits ``module``.
 
-    Otherwise one ConfigError that says what is wrong: truncated or not a checkpoint at all, weights only
-    (no optimizer state to continue from), or saved from a different network.
+    Otherwise one ConfigError that says what is wrong: truncated, empty or not a checkpoint at all, weights only
+    (no optimizer state to continue from), or saved from a different network or for other labels.
     """
     option = option or f"ckpt_path={path}"
+    subject = option if str(path) in option else f"{option} ({path})"
+    checkpoint = training_checkpoint(path, option)
+    if module is not None and not Path(path).is_dir():
+        check_fits(checkpoint, module, subject)
+    return str(path)
+
+
+def training_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
+    """A checkpoint training can continue from, read safely (tensors left on disk; FSDP folders: loop state only)."""
     subject = option if str(path) in option else f"{option} ({path})"
     if Path(path).is_dir():
         return _check_sharded_checkpoint(Path(path), subject)
@@ -360,19 +443,10 @@ def check_checkpoint(path: str | Path, module: nn.Module | None = None, option: 
             f"{subject}: holds weights but no training state ({', '.join(missing)} missing), so training "
             "cannot continue from it; use the run's checkpoints/last.ckpt"
         )
-    if module is not None:
-        mismatch = _state_dict_mismatch(checkpoint["state_dict"], module.state_dict())
-        if mismatch:
-            saved_net = (checkpoint.get("hyper_parameters") or {}).get("net", {})
-            target = saved_net.get("_target_", "another network") if isinstance(saved_net, Mapping) else ""
-            raise ConfigError(
-                f"{subject}: saved from a different network ({target}; {mismatch}); continue it with the "
-                "model options it was trained with (its run folder's .hydra/config.yaml)"
-            )
-    return str(path)
+    return checkpoint
 
 
-def _check_sharded_checkpoint(path: Path, subject: str) -> str:
+def _check_sharded_checkpoint(path: Path, subject: str) -> dict[str, Any]:
     """An FSDP sharded checkpoint folder: its loop state must be readable (the shards are read by FSDP itself)."""
     try:
         meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
@@ -385,27 +459,7 @@ def _check_sharded_checkpoint(path: Path, subject: str) -> str:
         raise ConfigError(
             f"{subject}: a sharded checkpoint folder without training state ({', '.join(missing)})"
         )
-    return str(path)
-
-
-def _state_dict_mismatch(saved: Mapping[str, Any], current: Mapping[str, torch.Tensor]) -> str:
-    """A short description of how two state dicts differ, or '' if they have the same keys and shapes."""
-    missing = [k for k in current if k not in saved]
-    unexpected = [k for k in saved if k not in current]
-    reshaped = [
-        k for k in current if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(current[k].shape)
-    ]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} tensors missing, e.g. {missing[0]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-    if reshaped:
-        k = reshaped[0]
-        parts.append(
-            f"{len(reshaped)} of another shape, e.g. {k} {list(saved[k].shape)} vs {list(current[k].shape)}"
-        )
-    return "; ".join(parts)
+    return dict(meta)
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:

@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import netrc
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,11 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from seglight.core.console import wants_everything
-from seglight.core.errors import ConfigError, SeglightError
+from seglight.core.errors import ConfigError, DiskFullError, SeglightError
 from seglight.core.internals import tensorboard_file_writer, wandb_init_arguments
+from seglight.core.io import disk_full_error, free_bytes
+from seglight.data.caching.datasets import nbytes
+from seglight.training.checkpoints import checkpoint_dir
 
 log = logging.getLogger("seglight")
 
@@ -320,3 +324,91 @@ def write_hparams_session(logger: TensorBoardLogger, settings: Mapping[str, Any]
 
 def is_mlflow(logger: Logger) -> bool:
     return type(logger).__name__ == "MLFlowLogger"
+
+
+# -- after a kill or a full disk ---------------------------------------------------------------------------------
+
+EVENT_FILES = "events.out.tfevents.*"
+CSV_METRICS = "metrics.csv"
+
+
+def repair_tracker_files(folder: str | Path) -> list[Path]:
+    """Cut what a killed run left half-written at the end of its tracker files; returns the files cut.
+
+    TensorBoard's event files and the CSV logger's ``metrics.csv`` grow by appending: a SIGKILL or a full disk can
+    stop a write inside a record, which TensorBoard then reports as data loss and CSV readers as a broken row.
+    Each file is cut after its last whole record, so the resumed run's records follow whole ones.
+    """
+    repaired = []
+    for path in sorted(Path(folder).rglob(EVENT_FILES)):
+        if path.is_file() and _cut(path, _whole_event_records(path)):
+            repaired.append(path)
+    for path in sorted(Path(folder).rglob(CSV_METRICS)):
+        data = path.read_bytes() if path.is_file() else b"\n"
+        if data and not data.endswith(b"\n") and _cut(path, data.rfind(b"\n") + 1):
+            repaired.append(path)
+    for path in repaired:
+        log.info("%s: cut a record that a stopped run left half-written at its end", path)
+    return repaired
+
+
+def repair_run_trackers(trainer: L.Trainer) -> list[Path]:
+    """``repair_tracker_files`` in the folder of each of the run's trackers (all its sessions' files)."""
+    folders = {getattr(lg, "root_dir", None) or getattr(lg, "log_dir", None) for lg in trainer.loggers}
+    return [path for folder in sorted(str(f) for f in folders if f) for path in repair_tracker_files(folder)]
+
+
+def _whole_event_records(path: Path) -> int:
+    """The length of the whole TFRecords at the start of an event file (length, its CRC, data, the data's CRC)."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    data = path.read_bytes()
+    offset = last = 0
+    while offset + 12 <= len(data):
+        header = data[offset : offset + 8]
+        if struct.unpack("<I", data[offset + 8 : offset + 12])[0] != masked_crc32c(header):
+            break
+        end = offset + 12 + struct.unpack("<Q", header)[0] + 4
+        if end > len(data):
+            break
+        offset, last = end, offset
+    if (
+        offset > 0
+    ):  # a kill cuts the tail: the data's CRC is checked for the last record only (CRCs cost here)
+        length = offset - last - 16
+        body = data[last + 12 : last + 12 + length]
+        if struct.unpack("<I", data[offset - 4 : offset])[0] != masked_crc32c(body):
+            offset = last
+    return offset
+
+
+def _cut(path: Path, length: int) -> bool:
+    if length >= path.stat().st_size:
+        return False
+    with open(path, "r+b") as handle:
+        handle.truncate(length)
+    return True
+
+
+def run_disk_full(trainer: L.Trainer, exc: BaseException) -> DiskFullError:
+    """The one message for a training run whose disk filled up outside a checkpoint write (tracker files, logs).
+
+    It names the run's folder with the least space left (the one that filled) and the space the run needs to go
+    on: about one checkpoint.
+    """
+    filename = getattr(exc, "filename", None) or getattr(exc.__context__ or exc.__cause__, "filename", None)
+    folders = [Path(filename).parent] if filename else []
+    folders += [Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)]
+    folders += [checkpoint_dir(trainer), Path(trainer.default_root_dir)]
+    folder = min(folders, key=lambda f: free_bytes(f) if free_bytes(f) is not None else float("inf"))
+    checkpoints = checkpoint_dir(trainer)
+    sizes = [p.stat().st_size for p in checkpoints.glob("*.ckpt")] if checkpoints.is_dir() else []
+    if not sizes and trainer.lightning_module is not None:
+        # No checkpoint yet: the weights and, with Adam, two moments of each.
+        sizes = [3 * nbytes(dict(trainer.lightning_module.state_dict()))]
+    return disk_full_error(
+        folder,
+        max(sizes, default=0),
+        "the run's next checkpoint",
+        advice="free some space there, then continue with resume=true",
+    )

@@ -30,7 +30,7 @@ from monai.data import Dataset, MetaTensor, PersistentDataset
 from monai.transforms import RandomizableTrait, Transform, apply_transform
 from monai.utils import convert_to_tensor
 
-from seglight.core.errors import ConfigError, DataError, find_user_error
+from seglight.core.errors import ConfigError, DataError, DiskFullError, find_user_error
 from seglight.core.io import atomic_path
 from seglight.data.caching.files import record_use
 from seglight.data.remote import cache_usage
@@ -138,9 +138,10 @@ class DiskCacheDataset(PersistentDataset):
         result = self._pre_transform(deepcopy(item))
         try:
             # Not durable: a lost entry is recomputed, and syncing every entry would slow filling the cache.
-            with atomic_path(hashfile, durable=False) as tmp:
-                torch.save(convert_to_tensor(result, convert_numeric=False, track_meta=self.track_meta), tmp)
-        except OSError as exc:  # a full or read-only disk costs speed, not the run
+            # Through a Python file, so a full disk surfaces as the OS error (a DiskFullError naming the folder).
+            with atomic_path(hashfile, durable=False, size_hint=nbytes(result)) as tmp, open(tmp, "wb") as f:
+                torch.save(convert_to_tensor(result, convert_numeric=False, track_meta=self.track_meta), f)
+        except OSError as exc:  # a read-only cache costs speed, not the run
             log.warning("Cannot write the preprocessed cache entry %s (%s)", hashfile, exc)
         return result
 
@@ -237,13 +238,17 @@ def preprocess(
             results[index] = fn(cases[index])
         except Exception as exc:
             user_error = find_user_error(exc)
-            if user_error is None:
-                raise  # a bug, not a bad file: keep the traceback
+            if user_error is None or isinstance(user_error, DiskFullError):
+                raise  # a bug, or a full disk (every case would fail): not a bad file
             failures[index] = str(user_error)
 
-    with _one_torch_thread_each(workers), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for future in [pool.submit(one, i) for i in range(len(cases))]:
-            future.result()
+    with _one_torch_thread_each(workers):
+        pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        try:
+            for future in [pool.submit(one, i) for i in range(len(cases))]:
+                future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a failure or a signal, start no more cases
     return results, failures
 
 

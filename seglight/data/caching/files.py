@@ -270,7 +270,8 @@ def _remove_stale_temporary_files(root: Path) -> None:
         return
     cutoff = time.time() - STALE_TEMP_S
     for path in root.rglob(".*"):
-        if path.suffix not in (".tmp", ".part") or LEASES in path.parts:
+        # ".partial": seglight.core.io.atomic_path's temporary files (the name is repeated: stdlib only here).
+        if (path.suffix not in (".tmp", ".part") and ".partial" not in path.name) or LEASES in path.parts:
             continue
         try:
             if path.is_file() and path.stat().st_mtime < cutoff:

@@ -45,6 +45,35 @@ def interrupted_exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
+@contextmanager
+def stop_at_signals() -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGINT stop the work at once with exit status 143/130 (``SIGTERMException``).
+
+    For the work around the training loop (building the data, downloads, filling caches, the test predictions),
+    where no step is half done and nothing needs saving; inside the loop, ``Preemption`` takes over and finishes
+    the step first. Signals after the first are noted and ignored, so the clean-up after it completes. The
+    handlers found are put back when the block ends.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if received:
+            log.warning("Received %s again: already stopping.", name)
+            return
+        received.append(signum)
+        log.warning("Received %s: stopping now; exit status %d.", name, interrupted_exit_code(signum))
+        raise SIGTERMException(interrupted_exit_code(signum))
+
+    with signal_handlers_kept():
+        for signum in INTERRUPT_SIGNALS:
+            signal.signal(signum, stop)
+        yield
+
+
 class Preemption(Callback):
     """Survive SIGTERM and SIGINT (spot reclaim, ``scancel``, Ctrl-C): finish the step, save, exit 128+signal.
 
@@ -72,6 +101,8 @@ class Preemption(Callback):
         self._active = False
         self._fitting: L.Trainer | None = None  # the trainer of the fit under way
         self._in_group = False  # several processes: stop when they agree (see the class docstring)
+        self._training_started = False
+        self._save_at_epoch_end = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
@@ -80,6 +111,7 @@ class Preemption(Callback):
         self._active = True
         self._fitting = trainer
         self._in_group = False
+        self._training_started = False
         # Installed before Lightning's own SIGTERM handler, which then calls this one after setting its flag.
         self._previous = {signum: signal.getsignal(signum) for signum in INTERRUPT_SIGNALS}
         for signum in INTERRUPT_SIGNALS:
@@ -118,6 +150,7 @@ class Preemption(Callback):
         self._forward_early_signal(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._training_started = True
         self._take_over_in_group(trainer)
         self._forward_early_signal(trainer)
 
@@ -145,6 +178,9 @@ class Preemption(Callback):
             mark_sigterm_received(trainer)  # Lightning's loops raise SIGTERMException after this step
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._save_at_epoch_end:
+            self._save_at_epoch_end = False
+            save_last_checkpoint(trainer)
         self._agree_to_stop(trainer)
 
     def _forward_early_signal(self, trainer: L.Trainer) -> None:
@@ -162,19 +198,32 @@ class Preemption(Callback):
     ) -> None:
         n = self.every_n_train_steps
         if n and trainer.global_step > 0 and trainer.global_step % n == 0:
-            save_last_checkpoint(trainer)
+            if batch_idx + 1 == trainer.num_training_batches:
+                # Saved after an epoch's last batch but before its end, a checkpoint resumes without that epoch's
+                # validation and with the epoch count behind (a later resume then repeats steps): saved at the
+                # epoch's end instead, after its validation.
+                self._save_at_epoch_end = True
+            else:
+                save_last_checkpoint(trainer)
         self._agree_to_stop(trainer)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        self._restore_handlers()  # teardown hooks do not run after an exception
+        # Teardown hooks do not run after an exception: the handlers go back here, once last.ckpt is saved (a
+        # second SIGTERM during the save is then only noted, and the save completes).
+        try:
+            self._stop(trainer, exception)
+        finally:
+            self._restore_handlers()
+
+    def _stop(self, trainer: L.Trainer, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        signum = self.signum or signal.SIGTERM
+        signum = self.signum or _signal_of(exception)
         exception.code = interrupted_exit_code(signum)
         name = signal.Signals(signum).name
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not self._training_started:
             # No training step ran in this session: the checkpoint on disk (if any) already holds this state.
             log.warning("Interrupted by %s before training started; exit status %d.", name, exception.code)
             return
@@ -191,3 +240,11 @@ class Preemption(Callback):
             exception.code,
             trainer.default_root_dir,
         )
+
+
+def _signal_of(exception: SIGTERMException) -> int:
+    """The signal behind a ``SIGTERMException``: the one its exit status names (``stop_at_signals``), else SIGTERM."""
+    code = exception.code
+    if isinstance(code, int) and code - 128 in (int(s) for s in INTERRUPT_SIGNALS):
+        return code - 128
+    return int(signal.SIGTERM)
