@@ -123,7 +123,7 @@ def test_a_dataset_on_a_flaky_store_is_read_whole(s3: S3, tmp_path: Path) -> Non
             split_path=str(tmp_path / "split.json"),
             remote={"cache_dir": str(tmp_path / "remote"), "endpoint_url": proxy.url, "options": QUICK},
         )
-        cases, _, _ = datamodule.localized_cases()
+        cases, _, _ = datamodule.catalog.localized_cases()
         stats = proxy.stats()
     assert stats["failed"] == 7 and stats["retried"] >= 4, stats
     for case in cases:
