@@ -16,6 +16,7 @@ from monai.transforms.utils import map_spatial_axes
 
 from seglight.core.errors import describe_exception
 from seglight.core.io import load_nifti, unreadable_nifti
+from seglight.data.normalization import ClipIntensityd, PerChannelNormalized, normalization_transforms
 
 # The size every volume is resized to in resize mode (x, y, z): the reference lab's.
 DEFAULT_SPATIAL_SIZE = (128, 128, 64)
@@ -47,13 +48,17 @@ def deterministic_transforms(
     orientation: str | None = "RAS",
     mode: str = "resize",
     target_spacing: Sequence[float] | None = None,
+    normalize: str | Sequence[str] = "window",
+    intensity: Mapping[str, Any] | None = None,
 ) -> list[mt.Transform]:
-    """Load, channel-first, orient, resize (or resample) and window: the same output every time, so it can be cached.
+    """Load, channel-first, orient, resize (or resample) and normalise: the same output every time, so it can be
+    cached.
 
     ``mode="resize"`` (the lab) resizes every volume to ``spatial_size``; ``mode="patch"`` resamples it to
     ``target_spacing`` mm (or keeps its own spacing when that is None) and keeps its extent, for training on
     patches and validating whole volumes. Labels are interpolated nearest-neighbour: trilinear would blur a
-    mask into fractional values that are no longer labels.
+    mask into fractional values that are no longer labels. Intensities are normalised per ``normalize`` and
+    ``intensity`` (``seglight.data.normalization``; ``window`` maps ``a_min``..``a_max`` to [0, 1]).
     """
     keys = [image_key] + ([label_key] if label_key else [])
     steps: list[mt.Transform] = [
@@ -78,9 +83,7 @@ def deterministic_transforms(
                 mode=["bilinear"] + (["nearest"] if label_key else []),
             )
         )
-    steps.append(
-        mt.ScaleIntensityRanged(keys=image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)
-    )
+    steps += normalization_transforms(image_key, normalize, intensity, a_min=a_min, a_max=a_max)
     steps.append(mt.EnsureTyped(keys=keys, dtype="float32", track_meta=True))
     if label_key:
         steps.append(CompactLabeld(keys=label_key))
@@ -238,6 +241,13 @@ STEPS: dict[type, tuple[str, str]] = {
     mt.Resized: ("resize", "resize to spatial_size voxels (x, y, z)"),
     mt.Spacingd: ("resample", "resample to pixdim mm per voxel (x, y, z), keeping the scan's extent"),
     mt.ScaleIntensityRanged: ("intensity", "map a_min..a_max linearly to b_min..b_max (clipped when clip)"),
+    mt.NormalizeIntensityd: (
+        "zscore",
+        "subtract subtrahend and divide by divisor, per channel when channel_wise (null: the image's own mean "
+        "and standard deviation, over its non-zero voxels when nonzero)",
+    ),
+    ClipIntensityd: ("clip", "clip each channel to its own low..high (seglight's; MONAI clips to one range)"),
+    PerChannelNormalized: ("normalize_per_channel", "each channel through its own normalisation, in order"),
     mt.EnsureTyped: ("dtype", "a tensor of dtype"),
     CompactLabeld: ("compact_label", "labels of whole numbers 0..255 as uint8"),
 }

@@ -31,6 +31,7 @@ from monai import transforms as mt
 from seglight.core.errors import ConfigError, SeglightError, first_line
 from seglight.core.io import atomic_write_text, partial_path
 from seglight.data.datalists import IMAGE
+from seglight.data.normalization import SEGLIGHT_ONLY
 from seglight.exporting.bundle_metadata import bundle_labels, bundle_metadata, readme
 from seglight.exporting.formats import checkpoint_file, load_trained, plain_network, trained_size
 from seglight.models.networks import class_name
@@ -272,6 +273,18 @@ def transform_config(transform: mt.Transform) -> dict[str, Any]:
             **{k: getattr(scaler, k) for k in ("a_min", "a_max", "b_min", "b_max", "clip")},
             "dtype": _plain_value(scaler.dtype),
         }
+    if isinstance(transform, mt.NormalizeIntensityd):
+        normalizer = transform.normalizer
+        return {
+            "_target_": "NormalizeIntensityd",
+            "keys": keys,
+            **_per_key(normalizer, "subtrahend", "divisor", "nonzero", "channel_wise", "dtype"),
+        }
+    if isinstance(transform, SEGLIGHT_ONLY):
+        raise SeglightError(
+            f"format=bundle: data.normalize needs seglight's own {name} here (a mode per channel, or ct clip ranges "
+            "that differ between channels), which a bundle cannot build with MONAI alone; export format=torchscript"
+        )
     if isinstance(transform, mt.EnsureTyped):
         converter = transform.converter
         return {

@@ -202,7 +202,9 @@ def fingerprint_dataset(datamodule: Any, samples: int = FOREGROUND_SAMPLES) -> F
     meta = datamodule.catalog.dataset_meta()
     channels = describe_channels(stats, meta)
     source = {
-        k: str(v) for k, v in (("root", datamodule.catalog.root), ("layout", datamodule.settings.layout.layout)) if v is not None
+        k: str(v)
+        for k, v in (("root", datamodule.catalog.root), ("layout", datamodule.settings.layout.layout))
+        if v is not None
     }
     fingerprint = Fingerprint(
         source=source,

@@ -42,6 +42,8 @@ def pipeline(settings: DataSettings, train: bool) -> mt.Compose:
         settings.orientation,
         mode=patch.mode,
         target_spacing=patch.target_spacing,
+        normalize=settings.normalization.normalize,
+        intensity=settings.normalization.intensity,
     )
     if train:
         steps += random_transforms(
