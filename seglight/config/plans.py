@@ -2,11 +2,12 @@
 
 ``plan_dataset`` is what ``python -m seglight.plan`` and ``plan=auto`` share: the fingerprint, the target and
 ``make_plan`` with the module training would build (``module_factory``). ``with_plan`` is what training runs
-before it builds anything: with ``plan=auto`` it plans (or reuses the run folder's plan.yaml, on a restart), writes
-plan.yaml, plan.json and fingerprint.json into the run folder and applies the plan's overrides, except those given
-on the command line; with ``plan=<file>`` (composed by ``builder.plan_file_arguments``) it copies the file and its
-siblings into the run folder. Either way ``cfg.plan`` then records what was applied and what the command line
-overrode, and the module saves that record in its checkpoints (``seglight.planning.files.plan_record``).
+before it builds anything. ``plan=auto``: it plans (or reuses the run folder's plan.yaml, on a restart), writes
+plan.yaml, plan.json and fingerprint.json into the run folder and applies the plan's overrides except those given
+on the command line; with ``plan.time_budget`` the ``TimeBudget`` callback then keeps the run to it.
+``plan=<file>`` (composed by ``builder.plan_file_arguments``): it copies the file and its siblings into the run
+folder. Either way ``cfg.plan`` then records what was applied and what the command line overrode, and the module
+saves that record in its checkpoints (``seglight.planning.files.plan_record``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from seglight.planning.files import (
 from seglight.planning.fingerprint import Fingerprint, fingerprint_dataset
 from seglight.planning.planner import ConfiguredFactory, Plan, make_plan
 from seglight.planning.report import format_fingerprint, format_plan
+from seglight.planning.schedule import parse_duration
 from seglight.planning.settings import MADE, DataSettings, PlanSettings, plan_target
+from seglight.training.callbacks.time_budget import TimeBudget
 from seglight.training.distributed import env_rank
 
 log = logging.getLogger("seglight")
@@ -133,7 +136,8 @@ def with_plan(cfg: DictConfig, budget_start: float | None = None) -> DictConfig:
             made = made_record(plan, fingerprint)
             write_plan_files(folder, plan, fingerprint, made)
             values = read_plan(saved)
-        return _apply(cfg, applied_overrides(values), {MADE: made, SOURCE: "auto"})
+        cfg = _apply(cfg, applied_overrides(values), {MADE: made, SOURCE: "auto"})
+        return keep_to_budget(cfg, budget_start)
     if node.get(SOURCE):
         source = Path(str(node[SOURCE]))
         if env_rank() == 0:
@@ -158,6 +162,21 @@ def _apply(cfg: DictConfig, overrides: Mapping[str, Any], record: Mapping[str, A
         cfg.plan.update({**record, "applied": applied, "skipped": skipped})
     if skipped:
         log.info("The command line overrides the plan's %s", ", ".join(skipped))
+    return cfg
+
+
+def keep_to_budget(cfg: DictConfig, budget_start: float | None) -> DictConfig:
+    """With ``plan.time_budget`` (and no ``trainer.max_epochs`` on the command line), the ``TimeBudget`` callback
+    moves the planned epochs to what the run's own epochs show will fit before the deadline."""
+    budget = cfg.plan.get("time_budget")
+    if budget is None or _covered("trainer.max_epochs", given_keys(cfg)):
+        return cfg
+    spent = time.monotonic() - budget_start if budget_start is not None else 0.0
+    deadline = time.time() - spent + parse_duration(budget)
+    with open_dict(cfg):
+        if cfg.get("callbacks") is None:
+            cfg.callbacks = {}
+        cfg.callbacks.time_budget = {"_target_": f"{TimeBudget.__module__}.TimeBudget", "deadline": deadline}
     return cfg
 
 

@@ -132,13 +132,15 @@ def random_transforms(
     num_samples: int = 1,
     pos_neg_ratio: Sequence[float] = (1.0, 1.0),
     class_ratios: Sequence[float] | None = None,
+    background_in_body: bool = True,
 ) -> list[mt.Transform]:
     """The training augmentation: the reference random flip along the first axis, after patch sampling in patch mode.
 
     Patch mode draws ``num_samples`` patches of ``patch_size`` per volume, centred on foreground or background
-    voxels at ``pos_neg_ratio`` (``RandCropByPosNegLabeld``; background centres inside the body, image > 0),
-    or on each label class at ``class_ratios`` (``RandCropByLabelClassesd``, background first). Volumes are
-    padded up to the patch size first, so a rounding voxel after resampling never breaks a crop.
+    voxels at ``pos_neg_ratio`` (``RandCropByPosNegLabeld``; background centres inside the body, image > 0, when
+    ``background_in_body``: windowed images, where air is 0; anywhere otherwise, as z-scored images are below 0
+    in much of the body), or on each label class at ``class_ratios`` (``RandCropByLabelClassesd``, background
+    first). Volumes are padded up to the patch size first, so a rounding voxel after resampling never breaks a crop.
     """
     keys = [image_key, label_key]
     steps: list[mt.Transform] = []
@@ -169,7 +171,7 @@ def random_transforms(
                     pos=pos,
                     neg=neg,
                     num_samples=int(num_samples),
-                    image_key=image_key,
+                    image_key=image_key if background_in_body else None,
                     image_threshold=0.0,
                 )
             )

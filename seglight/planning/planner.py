@@ -259,9 +259,11 @@ def _plan_at(
     if mode == "patch":
         decisions.append(preprocessing.decide_sampling(fingerprint, data.pos_neg_ratio))
     volume = [int(round(v)) for v in median] if mode == "patch" else fit.size
+    budget_s = schedule.parse_duration(settings.time_budget) if settings.time_budget else None
     timing = measure_timing(
         candidate, mode, fit.size, fit.batch, volume, spacing, target.timing_device, target.timing_precision,
         target.cache_file.parent, steps=settings.measure_steps,
+        max_seconds=schedule.TIMING_SHARE * budget_s if budget_s else None,
     )  # fmt: skip
     batch_size = batch_decision.overrides["data.batch_size"]
     spent = time.monotonic() - budget_start if budget_start is not None else 0.0

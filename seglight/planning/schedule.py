@@ -21,6 +21,8 @@ CHECKPOINTS_PER_VALIDATION = 2  # last.ckpt, and the best checkpoint when Dice i
 # by at most this factor per axis.
 MIN_EPOCHS = 20
 MAX_COARSENING = 2.0
+# With a time budget, timing the steps of one candidate takes about this share of it at most (fewer steps timed).
+TIMING_SHARE = 0.03
 
 
 def overhead_seconds(read_seconds: float, validation_s: float) -> float:

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from seglight import compose
-from seglight.config.plans import with_plan
+from seglight.config.plans import keep_to_budget, with_plan
 from seglight.core.errors import ConfigError
 from seglight.planning.files import (
     PACKAGE_LINE,
@@ -177,3 +178,14 @@ def test_the_plan_command_config_composes_the_training_config(tmp_path: Path) ->
     for key in ("data", "model", "loss", "optimizer", "trainer", "inference", "compute"):
         assert cfg[key] == train[key], key
     assert PlanSettings.from_config(cfg.plan) == PlanSettings(gpu_memory_gb=24.0)
+
+
+def test_plan_auto_with_a_time_budget_keeps_the_run_to_it_unless_the_epochs_are_given(tmp_path: Path) -> None:
+    started = time.monotonic() - 10.0  # the run started 10 s ago
+    cfg = keep_to_budget(compose(["plan=auto", "plan.time_budget=1m"], output_dir=tmp_path), started)
+    callback = cfg.callbacks.time_budget
+    assert callback._target_ == "seglight.training.callbacks.time_budget.TimeBudget"
+    assert callback.deadline == pytest.approx(time.time() + 50.0, abs=2.0)
+    given = compose(["plan=auto", "plan.time_budget=1m", "trainer.max_epochs=5"], output_dir=tmp_path)
+    assert "time_budget" not in keep_to_budget(given, started).callbacks
+    assert "time_budget" not in keep_to_budget(compose(["plan=auto"], output_dir=tmp_path), started).callbacks

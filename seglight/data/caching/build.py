@@ -54,6 +54,7 @@ def pipeline(settings: DataSettings, train: bool) -> mt.Compose:
             num_samples=patch.num_samples,
             pos_neg_ratio=patch.pos_neg_ratio,
             class_ratios=patch.class_ratios,
+            background_in_body=settings.normalization.normalize == "window",  # air is 0 once windowed
         )
     return mt.Compose(steps)
 
