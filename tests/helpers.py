@@ -393,7 +393,7 @@ def plan_for(root: Path, run_dir: Path, *overrides: str):
     from hydra.utils import instantiate
 
     from seglight import compose
-    from seglight.plan import module_factory
+    from seglight.config.plans import module_factory
     from seglight.planning.fingerprint import fingerprint_dataset
     from seglight.planning.planner import make_plan
     from seglight.planning.settings import DataSettings, PlanSettings, plan_target

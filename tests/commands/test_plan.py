@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from seglight.data.demo import demo_root
 from seglight.planning.files import read_plan
 from seglight.prediction.cases import predict
 from seglight.training.checkpoints import safe_load
@@ -112,7 +113,7 @@ def test_plan_auto_plans_then_trains_and_its_checkpoint_predicts_in_the_scans_ge
     assert hparams["data"]["mode"] == "patch" and hparams["data"]["normalize"] == "ct"
 
     # A demo scan as it is stored (LPS, 0.8 x 0.8 x 2.5 mm), predicted with the planned preprocessing.
-    (scan,) = sorted(cache_dir.glob("demo/ct6_24x24x16_*/imagesTr/demo_000.nii.gz"))
+    scan = demo_root(cache_dir / "demo", num_cases=6, shape=(24, 24, 16)) / "imagesTr" / "demo_000.nii.gz"
     report = predict(ckpt, input=scan, output=tmp_path / "masks", device="cpu")
     assert not report.failed
     original, mask = nib.load(scan), nib.load(tmp_path / "masks" / "demo_000.nii.gz")
