@@ -2,10 +2,9 @@
 
 ``DataSettings.from_options`` builds them once from ``SegDataModule``'s arguments: where the cases come from
 (``LayoutSettings``), how they are split (``SplitSettings``), cached (``CacheSettings``) and cut (``PatchSettings``),
-intensities normalised (``NormalizationSettings``), and the rest. Each raises a ConfigError naming the option when
-a value is out of range. ``prediction_settings``
-picks from a data module's saved settings what prediction needs; ``ModelNeeds`` is what the model decides about
-the data, given to the data module before setup.
+how intensities are normalised (``NormalizationSettings``), and the rest. Each raises a ConfigError naming the
+option when a value is out of range. ``prediction_settings`` picks from a data module's saved settings what
+prediction needs; ``ModelNeeds`` is what the model decides about the data, given to the data module before setup.
 """
 
 from __future__ import annotations

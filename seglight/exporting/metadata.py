@@ -82,9 +82,8 @@ def describe(
             "batch": shapes["batch"],
             "spatial": {**shapes["spatial"], "trained_size": export.get("trained_size")},
             "channels": _channels(data, in_channels),
-            "value_range": value_range(
-                preprocessed["normalize"], preprocessed["intensity"]
-            ),  # null: unbounded
+            # [0, 1] once windowed; null once z-scored per image (unbounded)
+            "value_range": value_range(preprocessed["normalize"], preprocessed["intensity"]),
         },
         "output": {
             "name": OUTPUT_NAME,
