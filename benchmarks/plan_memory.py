@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     from seglight import compose
-    from seglight.plan import module_factory
+    from seglight.config.plans import module_factory
     from seglight.planning.memory import ESTIMATE_CALIBRATION, Estimator, Meter, gib
     from seglight.planning.steps import Precision
 

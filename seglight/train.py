@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -11,7 +12,8 @@ import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from seglight.config.builder import build
+from seglight.config.builder import build, plan_file_arguments
+from seglight.config.plans import with_plan
 from seglight.config.sweeps import is_multirun, run_job
 from seglight.core import console
 from seglight.core.errors import DiskFullError, reported_errors
@@ -32,6 +34,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     join_run()  # one of several processes: find the others, and leave the reporting to rank 0
     # SIGTERM/Ctrl-C outside the training loop (data set-up, downloads, test predictions) stops at once, 143/130.
     with stop_at_signals():
+        cfg = with_plan(
+            cfg, budget_start=started
+        )  # plan=auto plans now (its time comes out of plan.time_budget)
         L.seed_everything(cfg.seed, workers=True)
         datamodule, module, trainer = build(cfg)
         stop_unless_launchable(trainer, is_multirun())
@@ -72,11 +77,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://seglight.conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Command-line entry point; returns the best Dice/val, the objective of sweepers such as Optuna."""
+def run(cfg: DictConfig) -> float | None:
+    """The Hydra app; returns the best Dice/val, the objective of sweepers such as Optuna."""
     console.setup()
     with reported_errors("seglight.train"):
         return run_job(train, cfg).get("best_dice")
+
+
+def main() -> None:
+    """Command-line entry point: ``plan=<file>`` becomes the overrides that compose the file, then Hydra runs."""
+    with reported_errors("seglight.train"):
+        sys.argv[1:] = plan_file_arguments(sys.argv[1:])
+    run()
 
 
 if __name__ == "__main__":

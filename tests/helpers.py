@@ -11,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -394,7 +395,7 @@ def plan_for(root: Path, run_dir: Path, *overrides: str):
     from hydra.utils import instantiate
 
     from seglight import compose
-    from seglight.plan import module_factory
+    from seglight.config.plans import module_factory
     from seglight.planning.fingerprint import fingerprint_dataset
     from seglight.planning.planner import make_plan
     from seglight.planning.settings import DataSettings, PlanSettings, plan_target
@@ -429,10 +430,11 @@ def intensity_checkpoint(
     classes: int,
     size: tuple[int, int, int] = (16, 16, 16),
     label_names: dict[int, str] | None = None,
+    **data: Any,
 ) -> Path:
     """A real Lightning checkpoint (1 epoch at lr 0) of a network that maps windowed intensity to the label: a
     1x1x1 convolution of the image's channels (cases whose image is a list of files have several) in which only
-    the first channel counts."""
+    the first channel counts (``data``: more data module settings, e.g. another normalisation)."""
     import lightning as L
     import torch
 
@@ -441,7 +443,13 @@ def intensity_checkpoint(
     channels = len(cases[0]["image"]) if isinstance(cases[0]["image"], list) else 1
     conv = {"_target_": "torch.nn.Conv3d", "in_channels": channels, "out_channels": classes, "kernel_size": 1}
     datamodule = SegDataModule(
-        datalist=cases, spatial_size=list(size), num_workers=0, batch_size=1, cache="none", val_fraction=0.5
+        datalist=cases,
+        spatial_size=list(size),
+        num_workers=0,
+        batch_size=1,
+        cache="none",
+        val_fraction=0.5,
+        **data,
     )
     module = SegModule(
         net=conv,

@@ -22,8 +22,10 @@ from seglight.core.console import interactive
 from seglight.core.containers import plain
 from seglight.core.errors import ConfigError
 from seglight.data import SegDataModule
+from seglight.data.remote import default_cache_dir
 from seglight.data.settings import ModelNeeds
 from seglight.models.networks import class_name, normalises_over_batch, resolve_network_config
+from seglight.planning.files import plan_arguments, plan_record
 from seglight.training.callbacks.epoch_log import EpochLog
 from seglight.training.callbacks.experiment_tracking import ExperimentTracking
 from seglight.training.callbacks.model_summary import ModelSummary
@@ -45,10 +47,15 @@ def compose(
     """The config the command line would compose for these overrides, ready for ``build`` in a notebook.
 
     Outside a Hydra run there is no run folder, so ``paths.output_dir`` becomes ``output_dir`` (default: a new
-    dated folder under ``outputs/notebook/``).
+    dated folder under ``outputs/notebook/``). ``plan=<file>`` composes a plan file as the command line does; with
+    a plan, the overrides are recorded in ``plan.given``, so that the plan leaves the keys they set alone.
     """
+    overrides = plan_arguments(list(overrides), plans_dir())
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    if cfg.get("plan"):
+        with open_dict(cfg):
+            cfg.plan.given = list(overrides)
     if "paths" not in cfg:
         return cfg  # an application without a run folder (evaluate's, viz's)
     if output_dir is None:
@@ -56,6 +63,16 @@ def compose(
     with open_dict(cfg):
         cfg.paths.output_dir = str(Path(output_dir).resolve())
     return cfg
+
+
+def plans_dir() -> Path:
+    """Where plan files given as ``plan=<file>`` are copied to be composed (by content, so reruns share them)."""
+    return default_cache_dir() / "plans"
+
+
+def plan_file_arguments(arguments: Sequence[str]) -> list[str]:
+    """Command-line overrides with ``plan=<file>`` turned into the overrides that compose that file."""
+    return plan_arguments(arguments, plans_dir())
 
 
 def build(cfg: DictConfig) -> tuple[SegDataModule, SegModule, L.Trainer]:
@@ -84,7 +101,8 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule | None = Non
     channels from the images, output channels from the labels (1 with sigmoid for one foreground label, one per
     label with softmax for several), DynUNet's kernels and strides and UNETR's input size from what the network
     sees. In patch mode, validation slides windows of ``data.patch.size`` over whole volumes. The data module's
-    prediction settings are saved with the module, so that its checkpoints predict on their own.
+    prediction settings are saved with the module, so that its checkpoints predict on their own, and so is the
+    record of a plan the run was trained with (``plan=auto`` or ``plan=<file>``).
     """
     if datamodule is None and cfg.get("data") is not None:
         datamodule = instantiate(cfg.data, _convert_="all")
@@ -113,6 +131,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule | None = Non
         metrics=cfg.get("metrics"),
         compute=cfg.get("compute"),
         data=data,
+        plan=plan_record(plain(cfg.get("plan"))),
     )
 
 

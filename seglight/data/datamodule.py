@@ -48,7 +48,9 @@ class SegDataModule(L.LightningDataModule):
         image_key: datalist key of the image; a list of keys stacks their files as channels.
         label_key: datalist key of the label.
         spatial_size: every volume is resized to this size (x, y, z).
-        a_min, a_max: intensity window mapped to [0, 1] (CT: -1000..1000; MRI e.g. 0..255).
+        a_min, a_max: ``normalize=window``'s intensity window mapped to [0, 1] (CT: -1000..1000; MRI e.g. 0..255).
+        normalize, intensity: ``window``, ``zscore``, ``zscore_nonzero`` or ``ct`` (clip to ``intensity``'s low..high,
+            then z-score with its mean and std), or one per channel: see ``seglight.data.normalization``.
         orientation: axis codes every volume is reoriented to (None keeps each scan's).
         batch_size: cases per training batch (patch mode: batch_size * patch.num_samples patches).
         num_workers: loader worker processes (threads for cached data); at most the CPUs this process may use.
@@ -115,6 +117,8 @@ class SegDataModule(L.LightningDataModule):
         spatial_size: Sequence[int] = DEFAULT_SPATIAL_SIZE,
         a_min: float = -1000.0,
         a_max: float = 1000.0,
+        normalize: str | Sequence[str] = "window",
+        intensity: Mapping[str, Any] | None = None,
         orientation: str | None = "RAS",
         batch_size: int = 2,
         num_workers: int = 4,
@@ -243,6 +247,7 @@ class SegDataModule(L.LightningDataModule):
         if self.demo is not None:
             ensure_demo_dataset(**self.demo)  # also for direct use without prepare_data (notebooks, tests)
         cases, report = self.inspect(full=False)
+        self.settings.normalization.check_channels(self.num_input_channels)
         good = self.bad_cases.checked(cases, report)
         self.catalog.check_patch_fits(good)
         # The partition covers every case, skipped ones too, so skipping never reshuffles the folds.

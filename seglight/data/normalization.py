@@ -10,6 +10,11 @@ The options, as a config (and a plan file, ``python -m seglight.plan``) names th
   every scan). One mode for every channel, or a list with one mode per channel.
 - ``data.intensity``: ``low``, ``high``, ``mean``, ``std``, each a list with one number per channel (``ct``
   channels need all four; other channels' entries are ignored and may be null).
+
+One mode for every channel is built from MONAI's own transforms, so that a MONAI bundle can rebuild it: CT's clip
+is ``ScaleIntensityRanged`` from low..high onto itself (clipped), its z-score ``NormalizeIntensityd`` with the
+given mean and std. Only clip ranges that differ between channels, and a mode per channel, need seglight's
+``ClipIntensityd`` and ``PerChannelNormalized`` (``SEGLIGHT_ONLY``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,17 @@ NORMALIZE_MODES = ("window", "zscore", "zscore_nonzero", "ct")
 INTENSITY_KEYS = ("low", "high", "mean", "std")
 NORMALIZE_OPTION = "data.normalize"
 INTENSITY_OPTION = "data.intensity"
+
+
+def channel_count(normalize: str | Sequence[str], intensity: Mapping[str, Any] | None = None) -> int:
+    """The channels the settings are for: a list of modes has one per channel, else the longest intensity list
+    (1 when nothing says)."""
+    if not isinstance(normalize, str):
+        return len(list(normalize))
+    lengths = [
+        len(v) for v in (intensity or {}).values() if isinstance(v, Sequence) and not isinstance(v, str)
+    ]
+    return max(lengths, default=1)
 
 
 def normalize_modes(normalize: str | Sequence[str], channels: int) -> list[str]:
@@ -90,16 +106,18 @@ def normalization_transforms(
     key: str,
     normalize: str | Sequence[str] = "window",
     intensity: Mapping[str, Any] | None = None,
-    channels: int = 1,
+    channels: int | None = None,
     a_min: float = -1000.0,
     a_max: float = 1000.0,
 ) -> list[mt.Transform]:
     """The transforms that normalise the image under ``key`` (channel first), per ``data.normalize``.
 
     One mode for every channel uses MONAI's transforms as they are (``ScaleIntensityRanged``,
-    ``NormalizeIntensityd``, with ``ClipIntensityd`` before it for CT); a mode per channel runs each channel's
-    own through ``PerChannelNormalized``.
+    ``NormalizeIntensityd``; CT's clip is ``ScaleIntensityRanged`` onto the same range, or ``ClipIntensityd`` when
+    the channels' ranges differ); a mode per channel runs each channel's own through ``PerChannelNormalized``.
+    ``channels``: None takes them from the settings (``channel_count``).
     """
+    channels = channel_count(normalize, intensity) if channels is None else channels
     modes = normalize_modes(normalize, channels)
     settings = intensity_settings(intensity, modes)
     if len(set(modes)) == 1:
@@ -111,13 +129,55 @@ def normalization_transforms(
         if mode in ("zscore", "zscore_nonzero"):
             return [mt.NormalizeIntensityd(keys=key, nonzero=mode == "zscore_nonzero", channel_wise=True)]
         return [
-            ClipIntensityd(keys=key, low=settings["low"], high=settings["high"]),
+            _clip(key, settings["low"], settings["high"]),
             mt.NormalizeIntensityd(
                 keys=key, subtrahend=settings["mean"], divisor=settings["std"], channel_wise=True
             ),
         ]
     steps = [_channel_transform(mode, settings, c, a_min, a_max) for c, mode in enumerate(modes)]
     return [PerChannelNormalized(keys=key, transforms=steps)]
+
+
+def _clip(key: str, low: Sequence[float | None], high: Sequence[float | None]) -> mt.Transform:
+    """Clip every channel: MONAI's ``ScaleIntensityRanged`` from low..high onto itself when the channels share one
+    range (a bundle can rebuild it), else each channel to its own (``ClipIntensityd``)."""
+    if len(set(low)) == 1 and len(set(high)) == 1:
+        bottom, top = float(low[0]), float(high[0])  # type: ignore[arg-type]
+        return mt.ScaleIntensityRanged(keys=key, a_min=bottom, a_max=top, b_min=bottom, b_max=top, clip=True)
+    return ClipIntensityd(keys=key, low=low, high=high)
+
+
+def value_range(
+    normalize: str | Sequence[str], intensity: Mapping[str, Any] | None = None
+) -> list[float] | None:
+    """The range of the network's input values after normalisation: [0, 1] for ``window``; ``ct``'s clip range
+    z-scored; None when unbounded (``zscore`` per image)."""
+    modes = normalize_modes(normalize, channel_count(normalize, intensity))
+    if set(modes) == {"window"}:
+        return [0.0, 1.0]
+    if set(modes) != {"ct"}:
+        return None
+    settings = intensity_settings(intensity, modes)
+    low, high, mean, std = (settings[k] for k in INTENSITY_KEYS)
+    bottoms = [(lo - m) / s for lo, m, s in zip(low, mean, std, strict=True)]  # type: ignore[operator]
+    tops = [(hi - m) / s for hi, m, s in zip(high, mean, std, strict=True)]  # type: ignore[operator]
+    return [round(min(bottoms), 6), round(max(tops), 6)]
+
+
+def describe_normalization(normalize: str | Sequence[str], a_min: float, a_max: float) -> str:
+    """What the normalisation does to intensities, in words (a MONAI bundle's description)."""
+    modes = [normalize] if isinstance(normalize, str) else list(normalize)
+    if set(modes) == {"window"}:
+        return f"intensities {a_min:g}..{a_max:g} windowed to 0..1"
+    words = {
+        "window": f"windowed from {a_min:g}..{a_max:g} to 0..1",
+        "zscore": "z-scored per image (its own mean and standard deviation)",
+        "zscore_nonzero": "z-scored per image over its non-zero voxels (zeros stay 0)",
+        "ct": "clipped to data.intensity low..high, then z-scored with its mean and std",
+    }
+    if len(set(modes)) == 1:
+        return f"intensities {words[modes[0]]}"
+    return "intensities " + "; ".join(f"channel {c} {words[m]}" for c, m in enumerate(modes))
 
 
 def _channel_transform(
@@ -198,3 +258,7 @@ class PerChannelNormalized(mt.MapTransform):
             # metadata: the affine survives for the transforms after this one.
             d[key] = torch.cat([t(image[c : c + 1]).float() for c, t in enumerate(self.transforms)])
         return d
+
+
+# seglight's own transforms among these: a MONAI bundle, which runs with MONAI alone, cannot rebuild them.
+SEGLIGHT_ONLY = (ClipIntensityd, PerChannelNormalized)

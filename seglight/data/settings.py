@@ -2,9 +2,9 @@
 
 ``DataSettings.from_options`` builds them once from ``SegDataModule``'s arguments: where the cases come from
 (``LayoutSettings``), how they are split (``SplitSettings``), cached (``CacheSettings``) and cut (``PatchSettings``),
-and the rest. Each raises a ConfigError naming the option when a value is out of range. ``prediction_settings``
-picks from a data module's saved settings what prediction needs; ``ModelNeeds`` is what the model decides about
-the data, given to the data module before setup.
+how intensities are normalised (``NormalizationSettings``), and the rest. Each raises a ConfigError naming the
+option when a value is out of range. ``prediction_settings`` picks from a data module's saved settings what
+prediction needs; ``ModelNeeds`` is what the model decides about the data, given to the data module before setup.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from seglight.core.errors import ConfigError
 from seglight.data.caching.datasets import CACHE_MODES
 from seglight.data.caching.device import GPU_CACHE_MODES
 from seglight.data.datalists import LAYOUTS
+from seglight.data.normalization import channel_count, intensity_settings, normalize_modes
 from seglight.data.remote import RemoteCache, default_cache_dir, is_remote
 
 MODES = ("resize", "patch")
@@ -34,7 +35,16 @@ DEFAULT_PATCH: dict[str, Any] = {
 # How the training data was laid out: prediction reads new scans laid out alike the same way.
 INPUT_KEYS = ("label_key", "layout", "image_pattern", "label_pattern")
 # The settings of the deterministic transforms (seglight.data.transforms), which prediction replays.
-PREPROCESSING_KEYS = ("spatial_size", "a_min", "a_max", "orientation", "mode", "target_spacing")
+PREPROCESSING_KEYS = (
+    "spatial_size",
+    "a_min",
+    "a_max",
+    "normalize",
+    "intensity",
+    "orientation",
+    "mode",
+    "target_spacing",
+)
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,48 @@ class PatchSettings:
     def active(self) -> bool:
         """Whether training runs on patches (``data.mode=patch``)."""
         return self.mode == "patch"
+
+
+@dataclass(frozen=True)
+class NormalizationSettings:
+    """How image intensities are normalised (``data.normalize``, ``data.intensity``; see
+    ``seglight.data.normalization``): one mode, or one per channel, and the intensity statistics ``ct`` needs."""
+
+    normalize: str | list[str]
+    intensity: dict[str, list[float | None]] | None  # low, high, mean, std: one value per channel
+
+    @classmethod
+    def from_options(cls, normalize: Any, intensity: Mapping[str, Any] | None) -> NormalizationSettings:
+        """From the options as given: a mode or a list of modes; intensity values as numbers or lists."""
+        normalize = plain(normalize)
+        modes = normalize if isinstance(normalize, str) else [str(m) for m in normalize or []]
+        given = plain(intensity)
+        if given is not None and not isinstance(given, Mapping):
+            raise ConfigError(
+                f"data.intensity must be a mapping of low, high, mean, std (or null), got {given!r}"
+            )
+        settings = None
+        if given and any(v is not None for v in given.values()):
+            settings = intensity_settings(given, normalize_modes(modes, channel_count(modes, given)))
+        return cls(modes, settings)
+
+    def __post_init__(self) -> None:
+        modes = normalize_modes(self.normalize, channel_count(self.normalize, self.intensity))
+        intensity_settings(self.intensity, modes)  # ct channels need their statistics
+
+    @property
+    def channels(self) -> int:
+        """The channels the settings are for (1 when they hold for any number)."""
+        return channel_count(self.normalize, self.intensity)
+
+    def check_channels(self, count: int) -> None:
+        """ConfigError unless settings made per channel (a list of modes, intensity values) fit ``count``."""
+        per_channel = not isinstance(self.normalize, str) or self.intensity is not None
+        if per_channel and self.channels != count:
+            raise ConfigError(
+                f"data.normalize / data.intensity give {self.channels} channel(s) but the images have {count}: "
+                "give one value per channel"
+            )
 
 
 @dataclass(frozen=True)
@@ -230,6 +282,7 @@ class DataSettings:
     spatial_size: list[int]
     a_min: float
     a_max: float
+    normalization: NormalizationSettings
     orientation: str | None
     batch_size: int
     num_workers: int  # as asked for; the data module uses at most the CPUs it may use
@@ -297,6 +350,7 @@ class DataSettings:
             spatial_size=[int(s) for s in o["spatial_size"]],
             a_min=float(o["a_min"]),
             a_max=float(o["a_max"]),
+            normalization=NormalizationSettings.from_options(o["normalize"], o["intensity"]),
             orientation=o["orientation"],
             batch_size=int(o["batch_size"]),
             num_workers=int(o["num_workers"]),

@@ -16,6 +16,7 @@ from monai.transforms.utils import map_spatial_axes
 
 from seglight.core.errors import describe_exception
 from seglight.core.io import load_nifti, unreadable_nifti
+from seglight.data.normalization import ClipIntensityd, PerChannelNormalized, normalization_transforms
 
 # The size every volume is resized to in resize mode (x, y, z): the reference lab's.
 DEFAULT_SPATIAL_SIZE = (128, 128, 64)
@@ -54,13 +55,17 @@ def deterministic_transforms(
     orientation: str | None = "RAS",
     mode: str = "resize",
     target_spacing: Sequence[float] | None = None,
+    normalize: str | Sequence[str] = "window",
+    intensity: Mapping[str, Any] | None = None,
 ) -> list[mt.Transform]:
-    """Load, channel-first, orient, resize (or resample) and window: the same output every time, so it can be cached.
+    """Load, channel-first, orient, resize (or resample) and normalise: the same output every time, so it can be
+    cached.
 
     ``mode="resize"`` (the lab) resizes every volume to ``spatial_size``; ``mode="patch"`` resamples it to
     ``target_spacing`` mm (or keeps its own spacing when that is None) and keeps its extent, for training on
     patches and validating whole volumes. Labels are interpolated nearest-neighbour: trilinear would blur a
-    mask into fractional values that are no longer labels.
+    mask into fractional values that are no longer labels. Intensities are normalised per ``normalize`` and
+    ``intensity`` (``seglight.data.normalization``; ``window`` maps ``a_min``..``a_max`` to [0, 1]).
     """
     keys = [image_key] + ([label_key] if label_key else [])
     steps: list[mt.Transform] = [
@@ -85,9 +90,7 @@ def deterministic_transforms(
                 mode=["bilinear"] + (["nearest"] if label_key else []),
             )
         )
-    steps.append(
-        mt.ScaleIntensityRanged(keys=image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True)
-    )
+    steps += normalization_transforms(image_key, normalize, intensity, a_min=a_min, a_max=a_max)
     steps.append(mt.EnsureTyped(keys=keys, dtype="float32", track_meta=True))
     if label_key:
         steps.append(CompactLabeld(keys=label_key))
@@ -136,13 +139,15 @@ def random_transforms(
     num_samples: int = 1,
     pos_neg_ratio: Sequence[float] = (1.0, 1.0),
     class_ratios: Sequence[float] | None = None,
+    background_in_body: bool = True,
 ) -> list[mt.Transform]:
     """The training augmentation: the reference random flip along the first axis, after patch sampling in patch mode.
 
     Patch mode draws ``num_samples`` patches of ``patch_size`` per volume, centred on foreground or background
-    voxels at ``pos_neg_ratio`` (``RandCropByPosNegLabeld``; background centres inside the body, image > 0),
-    or on each label class at ``class_ratios`` (``RandCropByLabelClassesd``, background first). Volumes are
-    padded up to the patch size first, so a rounding voxel after resampling never breaks a crop.
+    voxels at ``pos_neg_ratio`` (``RandCropByPosNegLabeld``; background centres inside the body, image > 0, when
+    ``background_in_body``: windowed images, where air is 0; anywhere otherwise, as z-scored images are below 0
+    in much of the body), or on each label class at ``class_ratios`` (``RandCropByLabelClassesd``, background
+    first). Volumes are padded up to the patch size first, so a rounding voxel after resampling never breaks a crop.
     """
     keys = [image_key, label_key]
     steps: list[mt.Transform] = []
@@ -173,7 +178,7 @@ def random_transforms(
                     pos=pos,
                     neg=neg,
                     num_samples=int(num_samples),
-                    image_key=image_key,
+                    image_key=image_key if background_in_body else None,
                     image_threshold=0.0,
                 )
             )
@@ -245,6 +250,13 @@ STEPS: dict[type, tuple[str, str]] = {
     mt.Resized: ("resize", "resize to spatial_size voxels (x, y, z)"),
     mt.Spacingd: ("resample", "resample to pixdim mm per voxel (x, y, z), keeping the scan's extent"),
     mt.ScaleIntensityRanged: ("intensity", "map a_min..a_max linearly to b_min..b_max (clipped when clip)"),
+    mt.NormalizeIntensityd: (
+        "zscore",
+        "subtract subtrahend and divide by divisor, per channel when channel_wise (null: the image's own mean "
+        "and standard deviation, over its non-zero voxels when nonzero)",
+    ),
+    ClipIntensityd: ("clip", "clip each channel to its own low..high (seglight's; MONAI clips to one range)"),
+    PerChannelNormalized: ("normalize_per_channel", "each channel through its own normalisation, in order"),
     mt.EnsureTyped: ("dtype", "a tensor of dtype"),
     CompactLabeld: ("compact_label", "labels of whole numbers 0..255 as uint8"),
 }

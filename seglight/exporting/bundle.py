@@ -31,6 +31,7 @@ from monai import transforms as mt
 from seglight.core.errors import ConfigError, SeglightError, first_line
 from seglight.core.io import atomic_write_text, partial_path
 from seglight.data.datalists import IMAGE
+from seglight.data.normalization import SEGLIGHT_ONLY
 from seglight.data.transforms import STEPS, monai_call
 from seglight.exporting.bundle_metadata import bundle_labels, bundle_metadata, readme
 from seglight.exporting.formats import checkpoint_file, load_trained, plain_network, trained_size
@@ -224,6 +225,12 @@ def transform_config(transform: mt.Transform) -> dict[str, Any]:
     """A bundle config entry that builds ``transform`` again: the MONAI call the export JSON describes it by
     (``seglight.data.transforms.monai_call``), in the bundle's syntax; SeglightError for a transform that is not
     a step of prediction's preprocessing or has no MONAI class to build it."""
+    if isinstance(transform, SEGLIGHT_ONLY):
+        raise SeglightError(
+            f"format=bundle: data.normalize needs seglight's own {type(transform).__name__} here (a mode per "
+            "channel, or ct clip ranges that differ between channels), which a bundle cannot build with MONAI "
+            "alone; export format=torchscript"
+        )
     monai_class, settings = monai_call(transform)
     if type(transform) not in STEPS or not monai_class.__module__.startswith("monai."):
         raise SeglightError(

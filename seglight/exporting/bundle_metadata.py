@@ -9,6 +9,7 @@ from typing import Any
 
 from seglight.core.versions import package_versions
 from seglight.data.datalists import IMAGE
+from seglight.data.normalization import describe_normalization, value_range
 from seglight.exporting.formats import input_channels
 from seglight.models.networks import class_name
 from seglight.prediction.predictor import PRED
@@ -46,6 +47,8 @@ def bundle_metadata(
     patch = settings.get("mode") == "patch"
     named = ", ".join(f"{v} {n}" for v, n in labels.items())
     a_min, a_max = settings.get("a_min", -1000.0), settings.get("a_max", 1000.0)
+    normalize, intensity = settings.get("normalize", "window"), settings.get("intensity")
+    intensities = describe_normalization(normalize, a_min, a_max)
     return {
         "schema": SCHEMA_URL,
         "version": BUNDLE_VERSION,
@@ -66,13 +69,13 @@ def bundle_metadata(
                 if settings.get("target_spacing")
                 else "kept at its own spacing"
             )
-            + f", intensities {a_min:g}..{a_max:g} windowed to 0..1, segmented, and the probabilities taken back "
+            + f", {intensities}, segmented, and the probabilities taken back "
             "to the scan's grid before they become labels."
         ),
         "authors": "the authors of the seglight training run",
         "copyright": "the authors of the seglight training run",
         "data_type": "nibabel",
-        "image_classes": f"{in_channels} channel(s), intensities windowed from {a_min:g}..{a_max:g} to 0..1",
+        "image_classes": f"{in_channels} channel(s), {intensities}",
         "pred_classes": named,
         "intended_use": "research; not validated for clinical use",
         "references": network_references(class_name(net_config)),
@@ -84,7 +87,7 @@ def bundle_metadata(
                     "num_channels": in_channels,
                     "spatial_shape": [int(s) for s in size],
                     "dtype": "float32",
-                    "value_range": [0, 1],
+                    "value_range": value_range(normalize, intensity) or [],  # []: unbounded (z-scored)
                     "is_patch_data": bool(window.get("roi_size")),
                     "channel_def": {str(c): f"channel {c}" for c in range(in_channels)},
                 }

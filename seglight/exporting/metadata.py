@@ -19,6 +19,7 @@ from typing import Any
 from monai import transforms as mt
 
 from seglight.core.versions import package_versions
+from seglight.data.normalization import value_range
 from seglight.data.transforms import describe_steps, pipeline_settings
 from seglight.training.checkpoints import checkpoint_epoch
 from seglight.training.module import DEFAULT_INFERENCE
@@ -54,6 +55,7 @@ def describe(
         checks: the comparisons with the checkpoint (shape, passed, max_abs_difference, output_shape, error).
     """
     fmt = export["format"]
+    preprocessed = pipeline_settings(data)
     net_config = dict(hparams["net"])
     in_channels = int(net_config["in_channels"])
     out_channels = next(c["output_shape"][1] for c in checks.values() if c["passed"])
@@ -80,7 +82,8 @@ def describe(
             "batch": shapes["batch"],
             "spatial": {**shapes["spatial"], "trained_size": export.get("trained_size")},
             "channels": _channels(data, in_channels),
-            "value_range": [0.0, 1.0],
+            # [0, 1] once windowed; null once z-scored per image (unbounded)
+            "value_range": value_range(preprocessed["normalize"], preprocessed["intensity"]),
         },
         "output": {
             "name": OUTPUT_NAME,
@@ -212,6 +215,8 @@ _DATA_KEYS = (
     "patch",
     "a_min",
     "a_max",
+    "normalize",
+    "intensity",
     "image_key",
     "label_key",
     "layout",

@@ -4,16 +4,18 @@ rules and numbers) and ``fingerprint.json``; and how a plan file is composed ove
 A plan file is ``# @package _global_`` YAML, like an experiment: ``data.mode``, ``data.patch.size``, ... and a
 ``plan`` node with the options it was made with (``plan.made`` says from what). It is composed as an option of
 the ``plan`` config group: ``plan_overlay`` copies it into a config folder that is added to Hydra's search path,
-and selects it, so that every value given on the command line still wins over the plan's.
+and selects it, so that every value given on the command line still wins over the plan's; ``plan_arguments``
+does that for ``plan=<file>`` among a command line's arguments.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ from seglight.core.io import atomic_path, atomic_write_text
 from seglight.planning.fingerprint import Fingerprint
 from seglight.planning.planner import Plan
 
+# The plan group's own options (conf/plan/): anything else given as plan=<value> is a plan file.
+GROUP_OPTIONS = ("none", "auto", "default")
+SOURCE = "source"  # plan.source: the plan file a run was composed with
 PLAN_FILE = "plan.yaml"
 PLAN_RECORD = "plan.json"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -115,11 +120,10 @@ def read_plan(path: str | Path) -> dict[str, Any]:
 
 def plan_overlay(path: str | Path, config_dir: str | Path) -> list[str]:
     """Hydra overrides that compose the plan file at ``path`` over a config (``train.yaml``): the file is copied
-    into ``config_dir/plan/`` under a name from its content, and that folder is added to the search path.
+    into ``config_dir/plan/`` under a name from its content, that folder is added to the search path, the copy
+    is selected as the ``plan`` option, and ``plan.source`` names the file.
 
-    Give these before the command line's own overrides; values set there still win over the plan's. (Once
-    train.yaml's defaults list has a ``plan`` group, the option is selected as ``plan=<name>`` instead of
-    ``+plan=<name>``.)
+    Values given on the command line still win over the plan's (Hydra applies them after the defaults list).
     """
     path = Path(path).expanduser().resolve()
     read_plan(path)
@@ -128,4 +132,54 @@ def plan_overlay(path: str | Path, config_dir: str | Path) -> list[str]:
     if not target.is_file():
         with atomic_path(target) as tmp:
             shutil.copyfile(path, tmp)
-    return [f"hydra.searchpath=[file://{target.parent.parent}]", f"+{PLAN_GROUP}={name}"]
+    source = str(path).replace("\\", "\\\\").replace("'", "\\'")
+    return [
+        f"hydra.searchpath=[file://{target.parent.parent}]",
+        f"{PLAN_GROUP}={name}",
+        f"+{PLAN_GROUP}.{SOURCE}='{source}'",
+    ]
+
+
+def plan_arguments(arguments: Sequence[str], config_dir: str | Path) -> list[str]:
+    """Command-line arguments with ``plan=<file>`` replaced by the overrides that compose that file
+    (``plan_overlay``); ``plan=auto``, ``plan=none`` and every other argument stay as they are."""
+    result: list[str] = []
+    for argument in arguments:
+        key, sep, value = argument.partition("=")
+        if sep and key == PLAN_GROUP and is_plan_file(value):
+            result += plan_overlay(value, config_dir)
+        else:
+            result.append(argument)
+    return result
+
+
+def is_plan_file(value: str) -> bool:
+    """Whether a ``plan=`` value names a file rather than an option of the group (``none``, ``auto``)."""
+    value = value.strip().strip("'\"")
+    if not value or value in GROUP_OPTIONS or value.startswith("file_"):
+        return False
+    return value.endswith((".yaml", ".yml")) or "/" in value or os.sep in value or Path(value).is_file()
+
+
+def applied_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A plan file's values as dotted overrides (``data.patch.size``), its ``plan`` node left out."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping) and node:
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = node
+
+    walk("", {k: v for k, v in values.items() if k != PLAN_GROUP})
+    return flat
+
+
+def plan_record(node: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What a planned run saves with its model, from its ``plan`` config node once the plan was applied: the
+    options, where the plan came from (``source``, ``made``), the overrides applied and those the command line
+    overrode. None for a run without a plan."""
+    if not node or "applied" not in node:
+        return None
+    return {k: v for k, v in node.items() if k not in ("given", "auto")}

@@ -3,11 +3,12 @@
 ``make_plan`` is what ``python -m seglight.plan`` runs after reading the data (and what ``plan=auto`` in
 training will run): everything it needs from the config comes in as ``PlanSettings`` (``plan.*``),
 ``DataSettings`` (``data.*``), the model config, a ``Target`` (``plan_target``) and a ``ConfiguredFactory`` that
-builds the configured module (``seglight.plan.module_factory``).
+builds the configured module (``seglight.config.plans.module_factory``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +29,7 @@ from seglight.planning.settings import DataSettings, PlanSettings, Target
 from seglight.planning.timing import measure_timing
 
 # (mode, input size, target spacing, model settings to change) -> the module training would build for them, on
-# the CPU; seglight.plan's module_factory builds it through seglight.config.builder.build_module.
+# the CPU; seglight.config.plans.module_factory builds it through seglight.config.builder.build_module.
 ConfiguredFactory = Callable[[str, Sequence[int], Sequence[float], Mapping[str, Any]], Any]
 
 
@@ -152,23 +153,37 @@ def make_plan(
     factory: ConfiguredFactory,
     target: Target,
     configured_epochs: int,
+    budget_start: float | None = None,
 ) -> Plan:
     """Apply the rules to a fingerprint, fitting size and batch to ``target``'s memory and epochs to the time.
 
     Every candidate is built by ``factory`` as training would build it (with the model settings the plan would
     write for it, e.g. DynUNet's filters per stage), for the memory tests and the timing alike. When
     ``plan.time_budget`` allows too few epochs at the data's spacing, the plan is made again at a coarser one.
+    ``budget_start``: a ``time.monotonic()`` reading from which the time budget counts (``plan=auto``: the run's
+    start, so reading the data and planning come out of it); None: the budget is the training's alone.
     """
     started = time.perf_counter()
     model = plain(dict(model))
     modalities, modality = rules.decide_modalities(fingerprint, settings.modality)
     spacing, spacing_decision = rules.decide_spacing(fingerprint, settings.target_spacing)
-    stage = _plan_at(spacing, fingerprint, settings, data, model, factory, target, configured_epochs)
+    plan_at = functools.partial(
+        _plan_at,
+        fingerprint=fingerprint,
+        settings=settings,
+        data=data,
+        model=model,
+        factory=factory,
+        target=target,
+        configured_epochs=configured_epochs,
+        budget_start=budget_start,
+    )
+    stage = plan_at(spacing)
     factor = schedule.coarsening(stage.max_epochs) if settings.time_budget else 1.0
     if factor > 1.0 and settings.target_spacing is None:
         first = stage
         coarse = [round(s * factor, 3) for s in spacing]
-        stage = _plan_at(coarse, fingerprint, settings, data, model, factory, target, configured_epochs)
+        stage = plan_at(coarse)
         spacing_decision = schedule.decide_coarsening(
             spacing_decision, coarse, factor, first.max_epochs, stage.max_epochs
         )
@@ -221,6 +236,7 @@ def _plan_at(
     factory: ConfiguredFactory,
     target: Target,
     configured_epochs: int,
+    budget_start: float | None = None,
 ) -> Stage:
     """Mode, size, batch, network and sampling at ``spacing``, then the timing and the epochs."""
 
@@ -243,12 +259,15 @@ def _plan_at(
     if mode == "patch":
         decisions.append(preprocessing.decide_sampling(fingerprint, data.pos_neg_ratio))
     volume = [int(round(v)) for v in median] if mode == "patch" else fit.size
+    budget_s = schedule.parse_duration(settings.time_budget) if settings.time_budget else None
     timing = measure_timing(
         candidate, mode, fit.size, fit.batch, volume, spacing, target.timing_device, target.timing_precision,
         target.cache_file.parent, steps=settings.measure_steps,
+        max_seconds=schedule.TIMING_SHARE * budget_s if budget_s else None,
     )  # fmt: skip
     batch_size = batch_decision.overrides["data.batch_size"]
-    epochs = _schedule(fingerprint, settings, data, timing, batch_size, configured_epochs)
+    spent = time.monotonic() - budget_start if budget_start is not None else 0.0
+    epochs = _schedule(fingerprint, settings, data, timing, batch_size, configured_epochs, spent)
     return Stage(spacing, median, budget, search, fit, decisions, timing, epochs)
 
 
@@ -298,13 +317,16 @@ def _schedule(
     timing: Any,
     batch_size: int,
     configured_epochs: int,
+    spent_s: float = 0.0,
 ) -> rules.Decision:
-    """Epochs (and the validation interval) from the measured times, for ``plan.time_budget`` if given."""
+    """Epochs (and the validation interval) from the measured times, for ``plan.time_budget`` if given, less
+    ``spent_s`` already gone."""
     train_cases, val_cases = _split_sizes(fingerprint, data)
     budget_s = schedule.parse_duration(settings.time_budget) if settings.time_budget else None
     return schedule.decide_schedule(
         budget_s, timing.step_s, timing.validation_s, train_cases, val_cases, batch_size, configured_epochs,
         schedule.overhead_seconds(fingerprint.seconds, timing.validation_s), timing.device, timing.checkpoint_s,
+        spent_s,
     )  # fmt: skip
 
 

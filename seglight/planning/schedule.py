@@ -21,6 +21,8 @@ CHECKPOINTS_PER_VALIDATION = 2  # last.ckpt, and the best checkpoint when Dice i
 # by at most this factor per axis.
 MIN_EPOCHS = 20
 MAX_COARSENING = 2.0
+# With a time budget, timing the steps of one candidate takes about this share of it at most (fewer steps timed).
+TIMING_SHARE = 0.03
 
 
 def overhead_seconds(read_seconds: float, validation_s: float) -> float:
@@ -79,9 +81,12 @@ def decide_schedule(
     overhead_s: float,
     device: str,
     checkpoint_s: float = 0.0,
+    spent_s: float = 0.0,
 ) -> Decision:
     """Epochs and the validation interval for a time budget: validation (with its checkpoints) takes at most
-    ``VALIDATION_SHARE`` of the time, and the last epoch validates (so the run ends with its best model)."""
+    ``VALIDATION_SHARE`` of the time, and the last epoch validates (so the run ends with its best model).
+
+    ``spent_s``: seconds of the budget already gone (``plan=auto`` plans inside the run it times)."""
     steps = max(1, math.ceil(train_cases / max(1, batch_size)))
     epoch_s = steps * step_s + EPOCH_OVERHEAD_SECONDS
     val_s = val_cases * validation_s + CHECKPOINTS_PER_VALIDATION * checkpoint_s
@@ -101,17 +106,18 @@ def decide_schedule(
         )
     share = VALIDATION_SHARE / (1.0 - VALIDATION_SHARE)
     interval = max(1, math.ceil(val_s / (share * epoch_s))) if epoch_s > 0 else 1
-    usable = budget_s - overhead_s
+    usable = budget_s - spent_s - overhead_s
     epochs = int(usable // (epoch_s + val_s / interval)) if usable > 0 else 0
     if epochs < interval:
         interval = max(1, epochs)
     epochs = max(1, epochs // interval * interval)
-    total = overhead_s + epochs * epoch_s + (epochs // interval) * val_s
+    total = spent_s + overhead_s + epochs * epoch_s + (epochs // interval) * val_s
+    spent = f" - {spent_s:.3g} s spent planning in the run" if spent_s else ""
     return Decision(
         "epochs",
         {"max_epochs": epochs, "check_val_every_n_epoch": interval},
         f"fill plan.time_budget; validation at most {VALIDATION_SHARE:.0%} of the time, and the last epoch validates",
-        f"{measured}; budget {budget_s:g} s - {overhead_s:.3g} s start-up and caching -> {epochs} epochs, validating "
-        f"every {interval} (about {total:.0f} s in all)",
+        f"{measured}; budget {budget_s:g} s{spent} - {overhead_s:.3g} s start-up and caching -> {epochs} epochs, "
+        f"validating every {interval} (about {total:.0f} s in all)",
         {"trainer.max_epochs": epochs, "trainer.check_val_every_n_epoch": interval},
     )

@@ -26,6 +26,10 @@ from seglight.planning.steps import Precision
 PLAN_OPTIONS = ("gpu_memory_gb", "time_budget", "target_spacing", "modality", "margin", "measure_steps")
 # A saved plan's record of what it was made from (plan.made), beside the options; not an option itself.
 MADE = "made"
+# What training records beside the options (not options either): plan=auto (auto), the plan file (source), the
+# keys given on the command line (given, recorded by seglight.compose), the plan's overrides that were applied and
+# those the command line overrode (applied, skipped).
+RECORD_KEYS = (MADE, "auto", "source", "given", "applied", "skipped")
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class PlanSettings:
     def from_config(cls, options: Mapping[str, Any] | None) -> PlanSettings:
         """Checked settings from the ``plan`` config node; a wrong value is a ConfigError naming it."""
         given = plain(options) or {}
-        unknown = sorted(set(given) - set(PLAN_OPTIONS) - {MADE})
+        unknown = sorted(set(given) - set(PLAN_OPTIONS) - set(RECORD_KEYS))
         if unknown:
             raise ConfigError(f"plan.{unknown[0]}: not a plan option (they are {', '.join(PLAN_OPTIONS)})")
         memory = given.get("gpu_memory_gb")

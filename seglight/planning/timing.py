@@ -33,6 +33,9 @@ class Timing:
     step_s: float  # one training step of the planned batch
     validation_s: float  # one validation case (a volume of the median shape)
     checkpoint_s: float  # writing one checkpoint (weights and optimiser state), flushed to disk
+    steps: int = (
+        0  # training steps timed after the warm-up; 0: the warm-up's own time (slower, so on the safe side)
+    )
 
 
 def measure_timing(
@@ -46,35 +49,49 @@ def measure_timing(
     precision: Precision,
     scratch: Path,
     steps: int = MEASURE_STEPS,
+    max_seconds: float | None = None,
 ) -> Timing:
     """Time ``steps`` training steps of ``batch`` inputs of ``size`` and one validation of ``volume``, each after
     an untimed one (allocations, cuDNN's algorithm search, lazy initialisation), and one checkpoint written into
-    the folder ``scratch`` (and removed)."""
+    the folder ``scratch`` (and removed).
+
+    ``max_seconds``: about the most the steps (and the validations) may take; fewer steps are timed when they
+    are slow, and none when the warm-up alone takes that long (its time then stands for a step: an upper bound).
+    """
     module = factory(mode, list(size), list(spacing)).to(device=device, dtype=precision.parameters)
     optimizer = first_optimizer(module)
     scaler = torch.amp.GradScaler(device.type) if precision.scaler and device.type == "cuda" else None
     data = training_batch(module, batch, size, device)
-    train_steps(module, optimizer, data, precision, 1, scaler)  # warm-up
-    durations = []
-    for _ in range(max(1, steps)):
-        synchronize(device)
-        started = time.perf_counter()
-        train_steps(module, optimizer, data, precision, 1, scaler)
-        synchronize(device)
-        durations.append(time.perf_counter() - started)
+    warm_up = _timed(device, lambda: train_steps(module, optimizer, data, precision, 1, scaler))
+    timed = (
+        max(1, steps) if max_seconds is None else min(max(1, steps), int(max_seconds // max(warm_up, 1e-9)))
+    )
+    durations = [
+        _timed(device, lambda: train_steps(module, optimizer, data, precision, 1, scaler))
+        for _ in range(timed)
+    ]
     case = validation_batch(module, volume, spacing, device)
-    validate(module, case, precision)  # warm-up
-    started = time.perf_counter()
-    validate(module, case, precision)
-    validation_s = time.perf_counter() - started
+    validation_s = _timed(device, lambda: validate(module, case, precision))  # warm-up
+    if max_seconds is None or 2 * validation_s <= max_seconds:
+        validation_s = _timed(device, lambda: validate(module, case, precision))
     checkpoint_s = checkpoint_seconds(module, optimizer, scratch)
     release(module, optimizer)
     return Timing(
         describe_device(device),
-        median(durations),
+        median(durations) if durations else warm_up,
         validation_s,
         checkpoint_s,
+        len(durations),
     )
+
+
+def _timed(device: torch.device, work: Any) -> float:
+    """Seconds ``work()`` takes on ``device``, its queued GPU work included."""
+    synchronize(device)
+    started = time.perf_counter()
+    work()
+    synchronize(device)
+    return time.perf_counter() - started
 
 
 def checkpoint_seconds(module: Any, optimizer: torch.optim.Optimizer, folder: Path) -> float:

@@ -90,6 +90,8 @@ class SegModule(L.LightningModule):
             ``seglight.models.networks``); they change neither the weights nor the outputs.
         data: the data settings prediction needs to read and preprocess new scans as training did
             (``SegDataModule.prediction_settings()``); saved so that a loaded module can predict on its own.
+        plan: the record of the training plan the run used (``plan=auto`` or ``plan=<file>``: its options, where
+            it came from, the overrides applied); saved with the checkpoint, None without a plan.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class SegModule(L.LightningModule):
         metrics: Mapping[str, Any] | None = None,
         compute: Mapping[str, Any] | None = None,
         data: Mapping[str, Any] | None = None,
+        plan: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         net = plain(net if net is not None else DEFAULT_NET)
@@ -121,6 +124,7 @@ class SegModule(L.LightningModule):
                 "metrics": {**DEFAULT_METRICS, **(plain(metrics) or {})},
                 "compute": {**DEFAULT_COMPUTE, **(plain(compute) or {})},
                 "data": plain(data) or {},
+                "plan": plain(plan) or None,
             }
         )
         self.softmax = softmax

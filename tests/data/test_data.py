@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -45,6 +46,39 @@ def test_demo_generation_is_deterministic(tmp_path: Path) -> None:
     b = ensure_demo_dataset(tmp_path / "b", num_cases=2, shape=(16, 16, 8), seed=3)
     for name in ("imagesTr/demo_001.nii.gz", "labelsTr/demo_001.nii.gz"):
         assert np.array_equal(nib.load(a / name).get_fdata(), nib.load(b / name).get_fdata())
+
+
+def test_the_ct_demo_is_what_it_was_before_the_mr_option(tmp_path: Path) -> None:
+    # Runs and disk caches key on the demo's folder and files: the CT demo keeps both (values taken before
+    # data.demo.modality existed).
+    root = ensure_demo_dataset(tmp_path, num_cases=2, shape=(16, 16, 8), seed=3, modality="ct")
+    assert root.name == "ct2_16x16x8_l1_s3_0c465eb3d5"
+    digest = hashlib.sha256()
+    for name in ("imagesTr/demo_001.nii.gz", "labelsTr/demo_001.nii.gz"):
+        voxels = np.asanyarray(nib.load(root / name).dataobj)
+        digest.update(voxels.tobytes())
+        digest.update(str(voxels.dtype).encode())
+    assert digest.hexdigest() == "7e45f02ef7022b7ebdb06954bb895356118acdc22265f86c485b3825a8813b1f"
+
+
+def test_mr_demo_has_the_same_anatomy_without_hounsfield_units(tmp_path: Path) -> None:
+    ct = ensure_demo_dataset(tmp_path, num_cases=3, shape=(32, 28, 12), seed=1)
+    mr = ensure_demo_dataset(tmp_path, num_cases=3, shape=(32, 28, 12), seed=1, modality="mr")
+    assert mr.name.startswith("mr3_32x28x12_") and mr != ct
+    assert json.loads((mr / "dataset.json").read_text())["modality"] == {"0": "MRI"}
+    medians = []
+    for index in range(3):
+        name = f"demo_{index:03d}.nii.gz"
+        label = np.asanyarray(nib.load(mr / "labelsTr" / name).dataobj)
+        assert np.array_equal(label, np.asanyarray(nib.load(ct / "labelsTr" / name).dataobj))
+        image = np.asanyarray(nib.load(mr / "imagesTr" / name).dataobj)
+        assert image.dtype == np.uint16 and image.min() >= 0  # no air at -1000
+        organ, outside = np.median(image[label == 1]), np.median(image[label == 0])
+        assert organ > outside
+        medians.append(organ)
+    assert max(medians) / min(medians) > 1.1  # each scan its own gain: no one window fits all
+    with pytest.raises(ConfigError, match="data.demo.modality must be one of ct, mr"):
+        ensure_demo_dataset(tmp_path, num_cases=1, modality="pet")
 
 
 def test_two_label_demo(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import torch
 from monai import transforms as mt
 
 from seglight.core.errors import ConfigError, SeglightError
+from seglight.data.normalization import normalization_transforms
 from seglight.data.transforms import describe_steps
 from seglight.exporting.bundle import SCHEMA_FILE, bundle_value, export_bundle, transform_config
 from seglight.prediction.cases import predict
@@ -217,3 +218,65 @@ def test_bundle_entries_are_the_export_json_steps_in_the_bundle_syntax(settings:
         load["_target_"] == "LoadImaged" and load["image_only"] is True
     )  # what seglight's loader was made with
     assert transform_config(pipeline[-1])["dtype"] == "$numpy.float32"
+
+
+@pytest.mark.parametrize(
+    ("normalize", "intensity", "expected"),
+    [
+        ("zscore_nonzero", None, {"_target_": "NormalizeIntensityd", "nonzero": True, "subtrahend": None}),
+        (
+            "ct",
+            {"low": [-300.0], "high": [500.0], "mean": [40.0], "std": [120.0]},
+            {
+                "_target_": "NormalizeIntensityd",
+                "subtrahend": [40.0],
+                "divisor": [120.0],
+                "channel_wise": True,
+            },
+        ),
+    ],
+)
+def test_a_planned_normalisation_goes_into_the_bundle(
+    normalize: str, intensity, expected: dict, binary_ckpt: Path, tmp_path: Path
+) -> None:
+    # The checkpoint as a run with data.normalize (what a plan sets) writes it; the export checks the bundle's
+    # preprocessing against seglight's on a test scan before it writes anything.
+    checkpoint = torch.load(binary_ckpt, map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"]["data"].update(normalize=normalize, intensity=intensity)
+    ckpt = tmp_path / f"{normalize}.ckpt"
+    torch.save(checkpoint, ckpt)
+    result = export_bundle(ckpt, tmp_path / "bundle")
+    steps = result.inference["preprocessing"]["transforms"]
+    (step,) = [s for s in steps if s["_target_"] == "NormalizeIntensityd"]
+    assert {k: step[k] for k in expected} == expected
+    if normalize == "ct":  # the clip: MONAI's ScaleIntensityRanged from low..high onto itself
+        (clip,) = [s for s in steps if s["_target_"] == "ScaleIntensityRanged"]
+        assert [clip[k] for k in ("a_min", "a_max", "b_min", "b_max", "clip")] == [
+            -300.0,
+            500.0,
+            -300.0,
+            500.0,
+            True,
+        ]
+        assert result.metadata["network_data_format"]["inputs"]["image"]["value_range"] == [
+            -2.833333,
+            3.833333,
+        ]
+    else:
+        assert result.metadata["network_data_format"]["inputs"]["image"]["value_range"] == []
+    assert "z-scored" in result.metadata["description"]
+
+
+def test_a_normalisation_only_seglight_can_run_stops_the_bundle() -> None:
+    per_channel = normalization_transforms(
+        "image", ["ct", "zscore"], {"low": [0, None], "high": [1, None], "mean": [0, None], "std": [1, None]}
+    )
+    different = normalization_transforms(
+        "image", "ct", {"low": [0, 5], "high": [1, 9], "mean": [0, 0], "std": [1, 1]}
+    )
+    for transform in (per_channel[0], different[0]):
+        with pytest.raises(
+            SeglightError,
+            match=f"format=bundle: data.normalize needs seglight's own {type(transform).__name__}",
+        ):
+            transform_config(transform)

@@ -4,14 +4,26 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from seglight import compose
+from seglight.config.plans import keep_to_budget, with_plan
 from seglight.core.errors import ConfigError
-from seglight.planning.files import PACKAGE_LINE, nested, plan_overlay, plan_yaml, read_plan
+from seglight.planning.files import (
+    PACKAGE_LINE,
+    applied_overrides,
+    is_plan_file,
+    nested,
+    plan_arguments,
+    plan_overlay,
+    plan_record,
+    plan_yaml,
+    read_plan,
+)
 from seglight.planning.planner import Plan
 from seglight.planning.rules import Decision
 from seglight.planning.settings import PlanSettings
@@ -69,7 +81,8 @@ def test_a_plan_composes_over_train_and_the_command_line_wins(tmp_path: Path) ->
     path.write_text(plan_yaml(a_plan(), MADE))
     overlay = plan_overlay(path, tmp_path / "conf")
     assert overlay[0] == f"hydra.searchpath=[file://{(tmp_path / 'conf').resolve()}]"
-    assert overlay[1].startswith("+plan=file_") and (tmp_path / "conf" / "plan").is_dir()
+    assert overlay[1].startswith("plan=file_") and (tmp_path / "conf" / "plan").is_dir()
+    assert overlay[2] == f"+plan.source='{path.resolve()}'"
     cfg = compose([*overlay, "experiment=demo", "data.batch_size=3"], output_dir=tmp_path / "train")
     assert cfg.data.mode == "patch" and list(cfg.data.patch.size) == [64, 64, 32]
     assert cfg.data.patch.num_samples == 4  # what the plan does not set stays as configured
@@ -78,6 +91,53 @@ def test_a_plan_composes_over_train_and_the_command_line_wins(tmp_path: Path) ->
     assert cfg.data.normalize == "ct" and list(cfg.data.intensity.low) == [-10.0]
     assert OmegaConf.to_container(cfg.plan)["made"] == MADE
     assert plan_overlay(path, tmp_path / "conf") == overlay  # the same file: the same option
+
+
+def test_plan_file_on_the_command_line_round_trips_and_records_what_the_command_line_overrode(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    path = tmp_path / "run" / "plan.yaml"
+    path.parent.mkdir()
+    path.write_text(plan_yaml(a_plan(), MADE))
+    (path.parent / "plan.json").write_text("{}")
+    arguments = ["experiment=demo", f"plan={path}", "data.batch_size=3", "plan.time_budget=9m"]
+    composed = plan_arguments(arguments, tmp_path / "conf")
+    assert composed[0] == "experiment=demo" and composed[-2:] == ["data.batch_size=3", "plan.time_budget=9m"]
+    assert plan_arguments(["plan=auto", "plan=none", "plan.time_budget=8m"], tmp_path) == [
+        "plan=auto",
+        "plan=none",
+        "plan.time_budget=8m",
+    ]
+    # seglight.compose takes plan=<file> as the command line does; the plan's values, the command line's over them.
+    cfg = compose(arguments, output_dir=tmp_path / "train")
+    assert cfg.data.mode == "patch" and cfg.data.batch_size == 3 and cfg.trainer.max_epochs == 30
+    assert cfg.plan.source == str(path.resolve()) and cfg.plan.time_budget == "9m"
+    cfg = with_plan(cfg)  # what training does before it builds anything
+    assert cfg.plan.skipped == ["data.batch_size"] and cfg.data.batch_size == 3
+    assert cfg.plan.applied["data.patch.size"] == [64, 64, 32] and "data.batch_size" not in cfg.plan.applied
+    # The plan file and the plan.json beside it are copied into the run folder.
+    assert read_plan(tmp_path / "train" / "plan.yaml") == read_plan(path)
+    assert (tmp_path / "train" / "plan.json").read_text() == "{}"
+    record = plan_record(OmegaConf.to_container(cfg.plan))
+    assert record["source"] == str(path.resolve()) and record["made"] == MADE and "given" not in record
+    assert plan_record({}) is None and plan_record({"time_budget": None}) is None
+
+
+def test_applied_overrides_are_the_plan_files_leaves() -> None:
+    values = {
+        "data": {"patch": {"size": [1, 2, 3]}, "intensity": {"low": [0.0]}},
+        "plan": {"x": 1},
+        "seed": 2,
+    }
+    assert applied_overrides(values) == {"data.patch.size": [1, 2, 3], "data.intensity.low": [0.0], "seed": 2}
+
+
+@pytest.mark.parametrize(
+    ("value", "is_file"),
+    [("auto", False), ("none", False), ("file_0123abcd", False), ("plan.yaml", True), ("runs/x/plan", True)],
+)
+def test_plan_values_that_name_files(value: str, is_file: bool) -> None:
+    assert is_plan_file(value) is is_file
 
 
 @pytest.mark.parametrize(
@@ -118,3 +178,14 @@ def test_the_plan_command_config_composes_the_training_config(tmp_path: Path) ->
     for key in ("data", "model", "loss", "optimizer", "trainer", "inference", "compute"):
         assert cfg[key] == train[key], key
     assert PlanSettings.from_config(cfg.plan) == PlanSettings(gpu_memory_gb=24.0)
+
+
+def test_plan_auto_with_a_time_budget_keeps_the_run_to_it_unless_the_epochs_are_given(tmp_path: Path) -> None:
+    started = time.monotonic() - 10.0  # the run started 10 s ago
+    cfg = keep_to_budget(compose(["plan=auto", "plan.time_budget=1m"], output_dir=tmp_path), started)
+    callback = cfg.callbacks.time_budget
+    assert callback._target_ == "seglight.training.callbacks.time_budget.TimeBudget"
+    assert callback.deadline == pytest.approx(time.time() + 50.0, abs=2.0)
+    given = compose(["plan=auto", "plan.time_budget=1m", "trainer.max_epochs=5"], output_dir=tmp_path)
+    assert "time_budget" not in keep_to_budget(given, started).callbacks
+    assert "time_budget" not in keep_to_budget(compose(["plan=auto"], output_dir=tmp_path), started).callbacks

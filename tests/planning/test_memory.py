@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from seglight import compose
-from seglight.plan import module_factory
+from seglight.config.plans import module_factory
 from seglight.planning.memory import (
     ESTIMATE_CALIBRATION,
     GIB,

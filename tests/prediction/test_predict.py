@@ -16,13 +16,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai import transforms as mt
 from omegaconf import OmegaConf
 
 from seglight import SegModule, compose, predict_volume
 from seglight.core.errors import ConfigError, DataError
+from seglight.exporting.formats import export_checkpoint
 from seglight.prediction.cases import predict
 from seglight.prediction.inputs import list_inputs
-from seglight.prediction.models import load_module
+from seglight.prediction.models import load_module, preprocessing
 from seglight.prediction.predictor import Predictor
 from seglight.training.checkpoints import safe_load
 from tests.helpers import S3, block_label, intensity_checkpoint, run_script
@@ -109,6 +111,56 @@ def test_flip_tta_and_smaller_windows_still_line_up(scans, binary_ckpt: Path, tm
     probabilities = result.probability_image()
     assert probabilities.shape == nib.load(image_path).shape and probabilities.get_data_dtype() == np.float32
     assert float(np.asanyarray(probabilities.dataobj).max()) <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("normalize", "intensity", "steps", "value_range"),
+    [
+        ("zscore", None, {"zscore": {"subtrahend": None, "nonzero": False, "channel_wise": True}}, None),
+        (
+            "ct",
+            {"low": [-1000.0], "high": [1000.0], "mean": [-1000.0], "std": [1000.0]},
+            {
+                "intensity": {
+                    "a_min": -1000.0,
+                    "a_max": 1000.0,
+                    "b_min": -1000.0,
+                    "b_max": 1000.0,
+                    "clip": True,
+                },
+                "zscore": {"subtrahend": [-1000.0], "divisor": [1000.0], "channel_wise": True},
+            },
+            [0.0, 2.0],
+        ),
+    ],
+)
+def test_other_normalisations_are_replayed_by_prediction_and_described_by_the_export(
+    normalize: str, intensity, steps: dict, value_range, scans, tmp_path: Path
+) -> None:
+    # The window (a_min..a_max) is far off every intensity: a prediction that fell back to it would find nothing.
+    cases = [{"image": str(i), "label": str(lb)} for i, lb in scans.values()]
+    data = {"normalize": normalize, "intensity": intensity, "a_min": 2000.0, "a_max": 3000.0}
+    ckpt = intensity_checkpoint(tmp_path / f"{normalize}.ckpt", cases, classes=1, **data)
+    saved = load_module(ckpt).hparams.data
+    assert (saved["normalize"], saved["intensity"]) == (normalize, intensity)
+    report = predict(ckpt, input=scans["ras"][0].parent, output=tmp_path / "out", device="cpu")
+    assert sorted(report.written) == sorted(GEOMETRIES) and not report.failed
+    for name, (image_path, label_path) in scans.items():
+        scan, written = nib.load(image_path), nib.load(tmp_path / "out" / f"{name}.nii.gz")
+        assert written.shape == scan.shape and np.allclose(written.affine, scan.affine, atol=1e-6), name
+        label = np.asanyarray(nib.load(label_path).dataobj)
+        assert np.array_equal(np.asanyarray(written.dataobj), label), name
+
+    # The export JSON describes the normalisation from the transform objects, and rebuilds it with MONAI alone.
+    meta = export_checkpoint(ckpt, "torchscript", output=tmp_path / "deploy").metadata
+    described = {step["step"]: step for step in meta["preprocessing"]["steps"]}
+    for step, settings in steps.items():
+        assert {k: described[step][k] for k in settings} == settings, step
+    assert meta["input"]["value_range"] == value_range and meta["data_settings"]["normalize"] == normalize
+    rebuilt = mt.Compose([eval(step["monai"], vars(mt)) for step in meta["preprocessing"]["steps"]])  # noqa: S307
+    image = {"image": str(scans["oblique"][0])}
+    expected = mt.Compose(preprocessing(saved))(image)["image"]
+    assert torch.equal(rebuilt(image)["image"].as_tensor(), expected.as_tensor())
 
 
 def test_multiclass_writes_the_dataset_label_values_and_probabilities(tmp_path: Path) -> None:

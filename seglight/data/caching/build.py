@@ -42,6 +42,8 @@ def pipeline(settings: DataSettings, train: bool) -> mt.Compose:
         settings.orientation,
         mode=patch.mode,
         target_spacing=patch.target_spacing,
+        normalize=settings.normalization.normalize,
+        intensity=settings.normalization.intensity,
     )
     if train:
         steps += random_transforms(
@@ -52,6 +54,7 @@ def pipeline(settings: DataSettings, train: bool) -> mt.Compose:
             num_samples=patch.num_samples,
             pos_neg_ratio=patch.pos_neg_ratio,
             class_ratios=patch.class_ratios,
+            background_in_body=settings.normalization.normalize == "window",  # air is 0 once windowed
         )
     return mt.Compose(steps)
 
