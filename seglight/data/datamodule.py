@@ -19,7 +19,14 @@ from seglight.data.checks import check_case_data
 from seglight.data.datalists import Case
 from seglight.data.demo import ensure_demo_dataset
 from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN
-from seglight.data.loaders import available_cpus, last_batch_of_one, pin_memory, train_loader, val_loader
+from seglight.data.loaders import (
+    DROPPED_BATCH_NOTICE,
+    available_cpus,
+    last_batch_of_one,
+    pin_memory,
+    train_loader,
+    val_loader,
+)
 from seglight.data.sampling import distributed_ranks, gather_objects, partition, shard
 from seglight.data.settings import (
     DataSettings,
@@ -331,12 +338,7 @@ class SegDataModule(L.LightningDataModule):
         drop = last_batch_of_one(per_rank, self.batch_size, patch.num_samples if patch.active else 1)
         if drop and not self._told_about_drop:
             self._told_about_drop = True
-            log.info(
-                "The network has BatchNorm and %d training cases leave a last batch of one: it is dropped each "
-                "epoch (data.batch_size=%d)",
-                per_rank,
-                self.batch_size,
-            )
+            log.info(DROPPED_BATCH_NOTICE, per_rank, self.batch_size)
         return drop
 
     def _dataset(self, cases: list[Case], train: bool) -> tuple[Dataset, dict[str, str]]:

@@ -100,6 +100,13 @@ def pin_memory(trainer: Any, on_gpu: bool) -> bool:
     return training_device(trainer) is not None and not on_gpu
 
 
+# Said once when a BatchNorm network's training cases leave a last batch of one (it is dropped each epoch).
+DROPPED_BATCH_NOTICE = (
+    "The network has BatchNorm and %d training cases leave a last batch of one: it is dropped each epoch "
+    "(data.batch_size=%d)"
+)
+
+
 def last_batch_of_one(per_rank: int, batch_size: int, samples_per_case: int) -> bool:
     """Whether an epoch of ``per_rank`` cases in batches of ``batch_size`` ends with a batch of one case.
 
