@@ -2,7 +2,8 @@
 ``benchmarks/results/<machine>.json``.
 
 Rows: loader samples/s against the lab's Dataset + DataLoader (epoch 2 alone, and the median from epoch 2 on); step
-time against a raw PyTorch loop; wall time to the first validation Dice >= 0.85 of ``experiment=demo`` against the
+time against a raw PyTorch loop on the same batches, through the path users run (the data module's loader, the
+default callbacks and loggers) and through the bare Trainer on ready-made batches; wall time to the first validation Dice >= 0.85 of ``experiment=demo`` against the
 lab's plain loop; prediction volumes/s against a bare sliding-window loop; and, where CUDA is available, the GPU
 benchmark (``gpu.py``). ``--smoke`` runs all of it at toy sizes in about a minute (the test suite does, to check
 that the scripts work; without CUDA it runs the GPU benchmark's code on the CPU); its figures say nothing about
@@ -79,11 +80,7 @@ def run_one(name: str, smoke: bool, repeats: int) -> tuple[str | None, list[Row]
     if name == "step":
         import step_overhead
 
-        options = (
-            dict(size=(16, 16, 16), init_filters=8, steps=3, warmup=1, demo_shape=(24, 24, 16), demo_cases=6)
-            if smoke
-            else {}
-        )
+        options = dict(overrides=tiny_demo, epochs=1) if smoke else {}
         return "step_overhead", *step_overhead.run(repeats=repeats, **options)
     if name == "dice":
         import time_to_dice

@@ -1,14 +1,26 @@
-"""Step overhead: a training step through seglight (Lightning Trainer, logging, callbacks, progress bar, checkpoint
-policy) against a raw PyTorch loop on the same network, batches, loss, optimiser and precision.
+"""Step overhead: seconds per training step through seglight against a raw PyTorch loop on the same batches held in
+memory, two ways, in the same run:
 
-Both train from the same initial weights on the same pre-made batches (seglight's own, served from a list so that
-the loaders do not differ) for one epoch of ``--steps`` steps; the time per step is the wall time from the start of
-step ``--warmup`` to the end of the last step (the device synchronised at both ends only), so whatever the framework
-does per step, and any wait for the device it forces, is counted. Runs alternate (seglight, raw, seglight, ...) and
-the ratio is the median over ``--repeats``. Goal: seglight at most 3 % slower.
+- **real path**, what users run: ``compose(["experiment=demo", ...])`` + ``build`` + ``trainer.fit`` with the data
+  module's loader (cache, seeded sampler, random flip, collation; pinned copies on a GPU), the default callbacks of
+  ``conf/callbacks/default.yaml`` and the default loggers, validation off;
+- **bare Trainer**, what the framework adds: the same Trainer (the same callbacks and loggers) fed the real path's
+  batches from a list, ready-made.
 
-    python benchmarks/step_overhead.py                                   # demo size 64x64x32, CPU at 32-bit
-    python benchmarks/step_overhead.py --size 128 128 64 --precision 16-mixed --device cuda
+Step period: the time between successive ``on_train_batch_start`` calls within epochs 2 and up (the first epoch warms
+up; ``--epochs`` are timed), the median over the steps. On a GPU the host may run ahead of the device, so there the
+device is synchronised at the first and last step of each timed epoch (nowhere else) and an epoch's steps count as
+the time between those two over the steps in between; the median over the epochs. The raw loop: a copy of the network
+from the same initial weights, the configured loss (``DiceLoss(sigmoid=True)``), the same optimiser class and settings,
+autocast and a GradScaler at 16-bit, ``loss.item()`` per step, on the batches the real path trained on in its first
+epoch (held where the step runs), the median step period after two warm-up steps. Each repeat runs real, raw, bare in
+turn from the same initial weights; a row's ratio is the median, its spread the range, of the repeats' ratios against
+their own raw loop. Goal: the real path at most 3 % slower than the raw loop on the CPU.
+
+    python benchmarks/step_overhead.py                           # experiment=demo as composed, on the CPU
+    python benchmarks/step_overhead.py --repeats 5 --epochs 3
+    python benchmarks/step_overhead.py --device cuda --precision 16-mixed
+    python benchmarks/step_overhead.py data.batch_size=4         # any further config override
 """
 
 from __future__ import annotations
@@ -18,11 +30,11 @@ import contextlib
 import copy
 import logging
 import os
+import statistics
 import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from itertools import cycle, islice
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +43,7 @@ import torch
 from results import Row, format_table, median, spread, write_results
 from torch.utils.data import DataLoader
 
-from seglight import SegDataModule, build, compose
+from seglight import build, compose
 
 
 class ListOfBatches(torch.utils.data.Dataset):
@@ -48,26 +60,33 @@ class ListOfBatches(torch.utils.data.Dataset):
 
 
 class StepClock(L.Callback):
-    """Times steps ``warmup``..last of the fit, synchronising the device at those two points only."""
+    """Clocks every ``on_train_batch_start`` from epoch ``first_epoch`` on, and keeps a copy of the batches before it.
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.start: float | None = None
-        self.seconds: float | None = None
-        self.steps = 0
+    The device is synchronised at the first and last step of each timed epoch only (a no-op on the CPU).
+    """
+
+    def __init__(self, first_epoch: int = 1) -> None:
+        self.first_epoch = first_epoch
+        self.starts: dict[int, list[float]] = {}
+        self.batches: list[dict[str, torch.Tensor]] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.current_epoch == 0 and batch_idx == self.warmup:
+        epoch = trainer.current_epoch
+        if epoch < self.first_epoch:
+            self.batches.append({k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)})
+            return
+        if batch_idx in (0, trainer.num_training_batches - 1):
             synchronize(pl_module.device)
-            self.start = time.perf_counter()
+        self.starts.setdefault(epoch, []).append(time.perf_counter())
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self.start is not None and batch_idx == trainer.num_training_batches - 1:
-            synchronize(pl_module.device)
-            self.seconds = time.perf_counter() - self.start
-            self.steps = batch_idx - self.warmup + 1
+    def seconds_per_step(self, device: torch.device) -> float:
+        """The step period (see the module's docstring)."""
+        epochs = [starts for starts in self.starts.values() if len(starts) > 1]
+        if not epochs:
+            raise RuntimeError("no timed epoch had two steps: raise --epochs or the number of cases")
+        if device.type == "cuda":
+            return statistics.median((s[-1] - s[0]) / (len(s) - 1) for s in epochs)
+        return statistics.median(b - a for s in epochs for a, b in zip(s, s[1:], strict=False))
 
 
 def synchronize(device: torch.device) -> None:
@@ -76,141 +95,163 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def config_overrides(
-    size: Sequence[int], batch_size: int, init_filters: int, precision: str, device: str
-) -> list[str]:
-    """seglight's demo set-up at this size, training only (no validation), on ``device``."""
+def config_overrides(epochs: int, precision: str, device: str) -> list[str]:
+    """The real path: ``experiment=demo`` as composed, on ``device``, validation off, one warm-up epoch."""
     return [
         "experiment=demo",
-        f"data.spatial_size=[{','.join(map(str, size))}]",
-        f"data.batch_size={batch_size}",
+        f"trainer.accelerator={'gpu' if device.startswith('cuda') else 'cpu'}",
+        f"trainer.precision={precision}",
         "data.num_workers=0",
-        f"model.init_filters={init_filters}",
-        "trainer.max_epochs=1",
+        f"trainer.max_epochs={1 + epochs}",
         "+trainer.limit_val_batches=0",
         "+trainer.num_sanity_val_steps=0",
-        f"trainer.precision={precision}",
-        f"trainer.accelerator={'gpu' if device.startswith('cuda') else 'cpu'}",
     ]
 
 
-def seglight_steps(cfg: Any, batches: Sequence[dict], warmup: int, initial: dict) -> tuple[float, Any]:
-    """Seconds per step through seglight's Trainer, and the optimiser it built."""
+@contextlib.contextmanager
+def quiet() -> Any:
+    """The progress bar and the epoch lines are drawn as usual, into /dev/null."""
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+        yield
+
+
+def real_path(cfg: Any, seed: int) -> tuple[float, dict[str, Any], L.Trainer, list[dict[str, torch.Tensor]]]:
+    """Seconds per step of ``build(cfg)`` + ``fit`` with its data module; the initial weights, the trainer (its
+    module, optimiser and precision) and the first epoch's batches."""
+    torch.manual_seed(seed)
+    datamodule, module, trainer = build(cfg)
+    initial = copy.deepcopy(module.net.state_dict())
+    clock = StepClock()
+    trainer.callbacks.append(clock)
+    with quiet():
+        trainer.fit(module, datamodule=datamodule)
+    return clock.seconds_per_step(module.device), initial, trainer, clock.batches
+
+
+def bare_trainer(cfg: Any, initial: dict[str, Any], batches: Sequence[dict]) -> float:
+    """Seconds per step of the same Trainer fed ``batches`` from a list, as many per epoch as the real path's."""
     _, module, trainer = build(cfg)
     module.net.load_state_dict(initial)
-    clock = StepClock(warmup)
+    clock = StepClock()
     trainer.callbacks.append(clock)
     loader = DataLoader(ListOfBatches(batches), batch_size=None, shuffle=False)
-    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
-        # The progress bar and the model summary are drawn as usual, into /dev/null.
+    with quiet():
         trainer.fit(module, train_dataloaders=loader)
-    assert clock.seconds is not None, "the step clock did not run"
-    return clock.seconds / clock.steps, trainer.optimizers[0]
+    return clock.seconds_per_step(module.device)
 
 
-def raw_steps(
-    net: torch.nn.Module,
-    loss_fn: Any,
-    optimizer_like: torch.optim.Optimizer,
-    batches: Sequence[dict],
-    warmup: int,
-    device: torch.device,
-    precision: str,
-) -> float:
-    """Seconds per step of a plain loop: to device, forward, loss, backward, optimiser step."""
-    net = net.to(device).train()
-    optimizer = type(optimizer_like)(net.parameters(), **optimizer_like.defaults)
+def raw_loop(trainer: L.Trainer, initial: dict[str, Any], batches: Sequence[dict], warmup: int = 2) -> float:
+    """Seconds per step of a plain loop over ``batches`` (twice) with the trainer's network, loss, optimiser
+    settings and precision, from the ``initial`` weights: forward, loss, backward, step, ``loss.item()``."""
+    module = trainer.lightning_module
+    net = copy.deepcopy(module.net)
+    net.load_state_dict(initial)
+    net.train()
+    device = next(net.parameters()).device
+    loss_fn = copy.deepcopy(module.loss_fn)
+    like = trainer.optimizers[0]
+    optimizer = type(like)(net.parameters(), **like.defaults)
+    precision = str(trainer.precision)  # what the trainer ran at (a CPU falls back to 32)
     half = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
-    loader = DataLoader(ListOfBatches(batches), batch_size=None, shuffle=False)
-    start = None
-    for index, batch in enumerate(loader):
-        if index == warmup:
-            synchronize(device)
-            start = time.perf_counter()
-        image = batch["image"].to(device, non_blocking=True)
-        label = batch["label"].to(device, non_blocking=True).float()
+    starts = []
+    for batch in [*batches, *batches]:
+        starts.append(time.perf_counter())
+        image, label = batch["image"], batch["label"].float()
         with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
             loss = loss_fn(net(image), label)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-    synchronize(device)
-    assert start is not None
-    return (time.perf_counter() - start) / (len(batches) - warmup)
+        loss.item()  # the reference loop reads its loss every step (a wait for the device)
+    starts.append(time.perf_counter())
+    return statistics.median(b - a for a, b in zip(starts[warmup:], starts[warmup + 1 :], strict=False))
 
 
 def run(
-    size: Sequence[int] = (64, 64, 32),
-    batch_size: int = 2,
-    init_filters: int = 16,
-    steps: int = 8,
-    warmup: int = 2,
+    overrides: Sequence[str] = (),
+    epochs: int = 2,
     repeats: int = 3,
-    precision: str = "32",
+    precision: str | None = None,
     device: str = "cpu",
-    demo_shape: Sequence[int] = (96, 96, 48),
-    demo_cases: int = 12,
 ) -> tuple[list[Row], dict[str, Any]]:
-    """Alternating runs of both; one row with the median seconds per step of each."""
+    """Alternating repeats of the real path, the raw loop and the bare Trainer; a row for each against the raw loop.
+
+    ``overrides`` go after the benchmark's own (toy sizes for a smoke run, another batch size, ...).
+    """
     logging.getLogger("seglight").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    ours, raw = [], []
+    precision = precision or ("16-mixed" if device.startswith("cuda") else "32")
+    real, bare, raw, loads = [], [], [], []
+    steps = 0
     with tempfile.TemporaryDirectory(prefix="seglight-bench-steps-") as tmp:
-        demo = {"cache_dir": f"{tmp}/demo", "num_cases": demo_cases, "shape": list(demo_shape)}
-        overrides = config_overrides(size, batch_size, init_filters, precision, device) + [
-            f"data.demo.cache_dir={tmp}/demo",
-            f"data.demo.num_cases={demo_cases}",
-            f"data.demo.shape=[{','.join(map(str, demo_shape))}]",
-        ]
-        data = SegDataModule(
-            demo=demo, spatial_size=size, batch_size=batch_size, num_workers=0, split_path=f"{tmp}/split.json"
-        )
-        data.setup("fit")
-        batches = list(islice(cycle(data.train_dataloader()), steps))
         for repeat in range(repeats):
-            cfg = compose(overrides, output_dir=Path(tmp) / f"run{repeat}")
-            torch.manual_seed(repeat)
-            _, module, _ = build(cfg)
-            initial = copy.deepcopy(module.net.state_dict())
-            seconds, optimizer = seglight_steps(cfg, batches, warmup, initial)
-            ours.append(seconds)
-            net = copy.deepcopy(module.net)
-            net.load_state_dict(initial)
-            raw.append(
-                raw_steps(net, module.loss_fn, optimizer, batches, warmup, torch.device(device), precision)
-            )
-    ratios = [s / r for s, r in zip(ours, raw, strict=True)]
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            options = [*config_overrides(epochs, precision, device), *overrides]
+            cfg = compose(options, output_dir=Path(tmp) / f"real{repeat}")
+            seconds, initial, trainer, batches = real_path(cfg, seed=repeat)
+            real.append(seconds)
+            raw.append(raw_loop(trainer, initial, batches))
+            cfg = compose(options, output_dir=Path(tmp) / f"bare{repeat}")
+            bare.append(bare_trainer(cfg, initial, batches))
+            loads.append((load, os.getloadavg()[0] if hasattr(os, "getloadavg") else None))
+            steps = len(batches)
+            del trainer, batches
     setting = (
-        f"SegResNet {init_filters} filters, batch {batch_size} x {'x'.join(map(str, size))}, {precision}, "
-        f"{device}, {steps - warmup} timed steps, {repeats} repeat(s)"
+        f"experiment=demo {' '.join(overrides)}".strip()
+        + f", {precision}, {device}, {steps} steps per epoch, {epochs} timed epoch(s), {repeats} repeat(s)"
     )
-    row = Row(
-        "step time (seglight / raw loop)",
+    load_note = ", ".join(f"{a:.1f}->{b:.1f}" for a, b in loads if a is not None and b is not None)
+    rows = [
+        _row(
+            "step time, real path (seglight / raw loop)",
+            real,
+            raw,
+            "data module, default callbacks and loggers",
+        ),
+        _row(
+            "step time, bare Trainer (seglight / raw loop)", bare, raw, "the real path's batches from a list"
+        ),
+    ]
+    rows[0].notes += f"; {setting}; load average per repeat {load_note or 'n/a'}"
+    details = {
+        "setting": setting,
+        "real_path_s_per_step": real,
+        "bare_trainer_s_per_step": bare,
+        "raw_s_per_step": raw,
+        "real_time_ratios": [s / r for s, r in zip(real, raw, strict=True)],
+        "bare_time_ratios": [s / r for s, r in zip(bare, raw, strict=True)],
+        "load_average_before_after": loads,
+    }
+    return rows, details
+
+
+def _row(name: str, ours: list[float], raw: list[float], what: str) -> Row:
+    speed = [
+        r / s for s, r in zip(ours, raw, strict=True)
+    ]  # raw/seglight: the table's ratio (1.00x: no overhead)
+    return Row(
+        name,
         "s/step",
         median(ours),
         median(raw),
         lower_is_better=True,
         goal="<= 1.03x time",
         goal_ratio=1 / 1.03,
-        spread=spread([1 / r for r in ratios]),
-        notes=f"{setting}; ratio = raw/seglight speed (1.00x: no overhead)",
+        spread=spread(speed),
+        notes=f"{what}; ratio = raw/seglight speed, the median of the repeats",
+        extra={"ratio_per_repeat": speed},
     )
-    details = {"setting": setting, "seglight_s_per_step": ours, "raw_s_per_step": raw, "time_ratios": ratios}
-    return [row], details
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line options of ``run``."""
-    parser.add_argument("--size", type=int, nargs=3, default=[64, 64, 32])
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--filters", type=int, default=16, help="SegResNet init_filters")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs, after one warm-up epoch")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--precision", default="32", choices=["32", "16-mixed", "bf16-mixed"])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default=None, choices=["32", "16-mixed", "bf16-mixed"])
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (16-mixed unless --precision says)")
+    parser.add_argument("overrides", nargs="*", help="more config overrides, e.g. data.batch_size=4")
 
 
 def main() -> None:
@@ -220,16 +261,7 @@ def main() -> None:
     parser.add_argument("--results-dir", default=None, help="where <machine>.json goes (default: results/)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    rows, details = run(
-        args.size,
-        args.batch_size,
-        args.filters,
-        args.steps,
-        args.warmup,
-        args.repeats,
-        args.precision,
-        args.device,
-    )
+    rows, details = run(args.overrides, args.epochs, args.repeats, args.precision, args.device)
     print(format_table(rows))
     print(f"Figures: {write_results('step_overhead', rows, details, args.results_dir)}")
 

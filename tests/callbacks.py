@@ -251,3 +251,25 @@ class CheckCachedData(L.Callback):
 def _digest(value: Any) -> str:
     tensor = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+class RecordStepTensors(L.Callback):
+    """Keeps what each training step saw and computed: a copy of its batch's tensors and its loss, and torch's
+    random state at the first step (which dropout draws from), so a plain loop can repeat the run."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, torch.Tensor]] = []
+        self.losses: list[torch.Tensor] = []
+        self.rng_state: torch.Tensor | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.rng_state is None:
+            self.rng_state = torch.get_rng_state()
+        self.batches.append({k: v.detach().clone() for k, v in batch.items() if isinstance(v, torch.Tensor)})
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.losses.append(outputs["loss"].detach().clone())

@@ -21,6 +21,7 @@ from seglight.data.demo import ensure_demo_dataset
 from seglight.data.folders import DEFAULT_IMAGE_PATTERN, DEFAULT_LABEL_PATTERN
 from seglight.data.loaders import (
     DROPPED_BATCH_NOTICE,
+    assemble_in_thread,
     available_cpus,
     last_batch_of_one,
     pin_memory,
@@ -303,7 +304,8 @@ class SegDataModule(L.LightningDataModule):
             seed=self.settings.seed,
             rank=distributed_ranks(self.trainer)[0],
             num_workers=self.num_workers,
-            threaded=self.settings.cache.mode != "none",
+            cached=self.settings.cache.mode != "none",
+            in_thread=assemble_in_thread(self.trainer),
             drop_last=self.last_batch_would_hold_one(),
             pin_memory=pin_memory(self.trainer, self.on_gpu),
         )
@@ -317,7 +319,8 @@ class SegDataModule(L.LightningDataModule):
             length=self._val_length,
             seed=self.settings.seed,
             num_workers=self.num_workers,
-            threaded=self.settings.cache.mode != "none",
+            cached=self.settings.cache.mode != "none",
+            in_thread=assemble_in_thread(self.trainer),
             pin_memory=pin_memory(self.trainer, False),
         )
 

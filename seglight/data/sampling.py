@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader, ThreadDataLoader
+from monai.data import DataLoader
 from monai.transforms import Randomizable
 from torch.utils.data import Dataset, Sampler
+
+from seglight.data.prefetch import ThreadLoader
 
 log = logging.getLogger("seglight")
 
@@ -217,8 +219,8 @@ class ResumableDataLoader(_Resumable, DataLoader):
     """MONAI's DataLoader (worker processes) that resumes mid-epoch; see ``_Resumable``."""
 
 
-class ResumableThreadDataLoader(_Resumable, ThreadDataLoader):
-    """MONAI's ThreadDataLoader (batches assembled in a thread) that resumes mid-epoch; see ``_Resumable``."""
+class ResumableThreadDataLoader(_Resumable, ThreadLoader):
+    """A ``ThreadLoader`` (batches assembled in a background thread) that resumes mid-epoch; see ``_Resumable``."""
 
 
 def training_loader(

@@ -212,7 +212,9 @@ class SegModule(L.LightningModule):
                 "data.spatial_size (data.patch.size in patch mode), or instance normalisation (model.norm=instance)"
             ) from exc
         loss = self.loss_fn(logits, as_float_label(label))
-        # sync_dist: averaged over the processes once per epoch (they all take the same number of steps).
+        # sync_dist: averaged over the processes once per epoch (they all take the same number of steps). The one
+        # per-step cost kept here: Lightning's bookkeeping of the running mean, about 0.7 ms of host time and no
+        # wait for the device; it is the loss curve every tracker and the epoch line show.
         self.log(
             "Loss/train",
             loss,

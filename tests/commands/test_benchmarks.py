@@ -37,7 +37,15 @@ def test_make_bench_at_toy_sizes_prints_one_table_and_writes_the_figures(
     out = result.stdout
     table = out[out.index("seglight against the reference") :].splitlines()
     assert table[1].split()[:5] == ["benchmark", "unit", "seglight", "reference", "ratio"]
-    for name in ("loader, epoch 2", "loader, epochs 2+", "step time", "time to Dice >= 0.0", "prediction"):
+    rows = (
+        "loader, epoch 2",
+        "loader, epochs 2+",
+        "step time, real path",
+        "step time, bare Trainer",
+        "time to Dice >= 0.0",
+        "prediction",
+    )
+    for name in rows:
         assert any(line.startswith(name) for line in table), f"no row {name!r} in:\n{out}"
 
     files = list(tmp_path.glob("*.json"))
@@ -49,6 +57,9 @@ def test_make_bench_at_toy_sizes_prints_one_table_and_writes_the_figures(
     for section in sections.values():
         for row in section["rows"]:
             assert {"benchmark", "unit", "seglight", "reference", "ratio", "goal", "met"} <= set(row)
+    steps = sections["step_overhead"]["details"]
+    for key in ("real_path_s_per_step", "bare_trainer_s_per_step", "raw_s_per_step"):
+        assert len(steps[key]) == 1 and steps[key][0] > 0  # one repeat of each, measured in the same run
     loader = sections["loader"]["details"]["runs"][0]
     assert len(loader["seglight"]) == len(loader["reference"]) == 2  # samples/s epoch by epoch
     assert all(s > 0 for s in loader["seglight"] + loader["reference"])

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from seglight.data.sampling import EpochSampler, partition, shard
+from seglight.core.errors import DataError
+from seglight.data.prefetch import ThreadLoader
+from seglight.data.sampling import (
+    EpochSampler,
+    ResumableDataLoader,
+    ResumableThreadDataLoader,
+    partition,
+    shard,
+    training_loader,
+)
 from tests.helpers import tiny_config
 
 
@@ -77,3 +88,64 @@ def test_a_loader_continues_an_epoch_from_its_saved_state(datamodule) -> None:
     again.sampler.set_epoch(3)
     assert same(batches(again), everything[1:])
     assert same(batches(again), everything)  # the saved position applies to that one epoch, once
+
+
+def test_cached_batches_are_the_same_in_the_training_thread_or_a_background_thread(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    cfg = tiny_config(tmp_path, "data.cache=memory")
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    inline = dm.train_dataloader()  # no trainer on a CUDA device: assembled in this thread, no worker
+    assert type(inline) is ResumableDataLoader and inline.num_workers == 0
+    threaded = training_loader(
+        dm.train_ds, 2, inline.sampler.length, dm.settings.seed, threaded=True, drop_last=inline.drop_last
+    )
+    assert isinstance(threaded, ResumableThreadDataLoader)
+    for epoch in (0, 1):
+        inline.sampler.set_epoch(epoch)
+        threaded.sampler.set_epoch(epoch)
+        assert same(batches(threaded), batches(inline))
+
+
+def batch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "seglight-batches"]
+
+
+def test_a_background_thread_sleeps_while_its_batch_waits_and_stops_with_the_iterator() -> None:
+    loader = ThreadLoader(list(range(10)), batch_size=2)
+    iterator = iter(loader)
+    assert next(iterator).tolist() == [0, 1]
+    (thread,) = batch_threads()
+    time.sleep(0.05)  # the next batch is ready and waits for room
+    status = Path(f"/proc/self/task/{thread.native_id}/status")
+    if status.is_file():  # Linux: count how often the thread woke while it waited (MONAI's polled every 1 ms)
+        before = _wakeups(status)
+        time.sleep(0.3)
+        assert _wakeups(status) - before <= 2
+    iterator.close()  # as when an epoch is cut short
+    assert not thread.is_alive() and not batch_threads()
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+
+
+def _wakeups(status: Path) -> int:
+    line = next(ln for ln in status.read_text().splitlines() if ln.startswith("voluntary_ctxt_switches"))
+    return int(line.split()[1])
+
+
+class Broken(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index == 2:
+            raise DataError("case 2: unreadable")
+        return torch.tensor(index)
+
+
+def test_an_error_while_assembling_a_batch_is_raised_in_the_training_thread() -> None:
+    got = []
+    with pytest.raises(DataError, match="case 2"):
+        for batch in ThreadLoader(Broken(), batch_size=1):
+            got.append(int(batch))
+    assert got == [0, 1] and not batch_threads()  # not an epoch that silently ends early

@@ -25,7 +25,8 @@ class NaNGuard(Callback):
     computed on the device and copied back without waiting; it is read once it has arrived, at a later step,
     and always before a checkpoint is written, before validation and at the end of an epoch. On the CPU the check
     is read at once, before the backward pass, so the weights in memory are still the last finite ones; on a GPU
-    a step or two may have run before the stop, and none of it is saved.
+    a step or two may have run before the stop, and none of it is saved. Cost: about 0.1 ms of host time per step
+    (a few small tensor operations), kept because a NaN that reached a checkpoint would cost the run.
     """
 
     def __init__(self) -> None:
