@@ -35,7 +35,7 @@ from typing import Any
 
 from seglight.core.errors import ConfigError, DataError, DiskFullError, first_line
 from seglight.core.io import atomic_path
-from seglight.data.caching.files import record_use
+from seglight.data.caching.files import files_under, record_use
 from seglight.data.downloads import GaveUp, connection_error, download_resuming, exception_chain
 
 log = logging.getLogger("seglight")
@@ -98,11 +98,16 @@ def cache_usage(path: Path) -> CacheUsage:
     """Files and bytes under ``path`` (temporary and lock files excluded)."""
     files = total = 0
     if path.is_dir():
-        for item in path.rglob("*"):
+        for item in files_under(path):
             hidden = any(part.startswith(".") for part in item.relative_to(path).parts)
-            if item.is_file() and not hidden:
-                files += 1
-                total += item.stat().st_size
+            if hidden:
+                continue
+            try:
+                size = item.stat().st_size
+            except OSError:  # removed meanwhile
+                continue
+            files += 1
+            total += size
     return CacheUsage(path, files, total)
 
 

@@ -91,7 +91,7 @@ class SegModule(L.LightningModule):
         data: the data settings prediction needs to read and preprocess new scans as training did
             (``SegDataModule.prediction_settings()``); saved so that a loaded module can predict on its own.
         plan: the record of the training plan the run used (``plan=auto`` or ``plan=<file>``: its options, where
-            it came from, the overrides applied); saved with the checkpoint, None without a plan.
+            it came from, the overrides applied); saved with the checkpoint (absent without a plan).
     """
 
     def __init__(
@@ -124,7 +124,7 @@ class SegModule(L.LightningModule):
                 "metrics": {**DEFAULT_METRICS, **(plain(metrics) or {})},
                 "compute": {**DEFAULT_COMPUTE, **(plain(compute) or {})},
                 "data": plain(data) or {},
-                "plan": plain(plan) or None,
+                **({"plan": plain(plan)} if plan else {}),  # without a plan, what 0.1.0 saved
             }
         )
         self.softmax = softmax

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from seglight import SegDataModule
-from seglight.data.caching.files import cache_entries, hold
+from seglight.data.caching.files import cache_entries, files_under, hold
 from seglight.data.dicom import dicom_volumes
 from seglight.data.remote import RemoteCache
 from tests.helpers import AXIAL, make_msd_dataset, nifti_with_affine, run_cli, write_dicom_series
@@ -137,3 +137,15 @@ def test_the_dicom_cache_is_listed_and_pruned_as_the_others(tmp_path: Path) -> N
     hold(dicom).release()  # this run ends
     cleared = run_cli("seglight.cache", "clear", env)
     assert "Removed 2 entries" in cleared.stdout and not cache_entries(dicom, "dicom")
+
+
+def test_walking_a_cache_skips_folders_another_process_removes_meanwhile(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "entry.nii.gz").write_bytes(b"x")
+    (tmp_path / "top.pt").write_bytes(b"x")
+    walk = iter(files_under(tmp_path))
+    assert next(walk) == tmp_path / "top.pt"  # the folder's own files come first
+    shutil.rmtree(tmp_path / "a")  # a concurrent prune
+    shutil.rmtree(tmp_path / "b")
+    assert list(walk) == []

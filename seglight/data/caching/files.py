@@ -72,7 +72,7 @@ def cache_entries(root: Path, kind: str) -> list[Entry]:
     if kind == "preprocessed":
         files: Iterable[Path] = root.glob("*.pt")
     else:
-        files = (p for p in root.rglob("*") if not _hidden(p, root))
+        files = (p for p in files_under(root) if not _hidden(p, root))
     grouped: dict[Path, Entry] = {}
     for file in files:
         try:
@@ -269,7 +269,9 @@ def _remove_stale_temporary_files(root: Path) -> None:
     if not root.is_dir():
         return
     cutoff = time.time() - STALE_TEMP_S
-    for path in root.rglob(".*"):
+    for path in files_under(root):
+        if not path.name.startswith("."):
+            continue
         # ".partial": seglight.core.io.atomic_path's temporary files (the name is repeated: stdlib only here).
         if (path.suffix not in (".tmp", ".part") and ".partial" not in path.name) or LEASES in path.parts:
             continue
@@ -278,6 +280,14 @@ def _remove_stale_temporary_files(root: Path) -> None:
                 path.unlink(missing_ok=True)
         except OSError:
             continue
+
+
+def files_under(root: Path) -> Iterable[Path]:
+    """Every file below ``root``, walked so that folders removed meanwhile (by a concurrent prune or a finished
+    download) are skipped instead of failing the walk, as ``Path.rglob`` does on Python 3.11."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            yield Path(folder) / name
 
 
 def _hidden(path: Path, root: Path) -> bool:
