@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 ARGS ?=
+# Test processes (pytest-xdist): most tests wait on a subprocess importing torch, so two share two cores well.
+TEST_WORKERS ?= 2
 
 .PHONY: help setup setup-dev train test lint format bench clean
 
@@ -50,7 +52,7 @@ train: setup
 	$(PY) -m seglight.train experiment=demo $(ARGS)
 
 test: setup-dev
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(ARGS)
 
 lint: setup-dev
 	$(VENV)/bin/ruff check .
