@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,8 @@ import nibabel as nib
 import numpy as np
 
 from seglight.core.errors import ConfigError
+
+log = logging.getLogger("seglight")
 
 # Bump when the generator changes, so caches made by an older generator are not reused.
 GENERATOR_VERSION = 2
@@ -68,6 +71,7 @@ def ensure_demo_dataset(
     if (root / "dataset.json").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
+    log.info("Demo data: writing %d synthetic %s cases to %s (once)", num_cases, modality.upper(), root)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         write_demo_dataset(staging, num_cases, shape, spacing, num_labels, seed, modality)
