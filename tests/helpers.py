@@ -491,3 +491,11 @@ def plug_callback(key: str, target: str, /, **settings: object) -> str:
     for setting, value in settings.items():
         items.append(f"{setting}:'{value}'" if isinstance(value, str | Path) else f"{setting}:{value}")
     return f"+callbacks.{key}={{{','.join(items)}}}"
+
+
+def hide_package(tmp_path: Path, monkeypatch, name: str) -> None:
+    """Subprocesses started from here see a Python without ``name``, as a user may have: importing it fails."""
+    blocked = tmp_path / "blocked" / name
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(blocked.parent))

@@ -30,6 +30,7 @@ from tests.helpers import (
     SHAPE,
     TILTED,
     as_dicom_orders,
+    hide_package,
     nifti_with_affine,
     oblique,
     run_cli,
@@ -274,10 +275,7 @@ def test_a_folder_without_dicom_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_without_pydicom_the_error_names_the_extra_to_install(tmp_path: Path, monkeypatch) -> None:
     write_dicom_series(tmp_path / "series", nifti_with_affine(SHAPE, AXIAL))
-    blocked = tmp_path / "blocked" / "pydicom"
-    blocked.mkdir(parents=True)
-    (blocked / "__init__.py").write_text("raise ImportError('pydicom is not installed here')\n")
-    monkeypatch.setenv("PYTHONPATH", str(blocked.parent))  # a Python without pydicom, as a user may have
+    hide_package(tmp_path, monkeypatch, "pydicom")
     code = (
         "from seglight.core.errors import reported_errors\n"
         "from seglight.data.dicom import dicom_volumes\n"

@@ -21,6 +21,7 @@ from tests.helpers import (
     CORONAL,
     SHAPE,
     as_dicom_orders,
+    hide_package,
     nifti_with_affine,
     oblique,
     run_command,
@@ -190,10 +191,7 @@ def test_what_cannot_be_written_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_without_highdicom_the_error_names_the_extra_to_install(tmp_path: Path, monkeypatch) -> None:
     write_dicom_series(tmp_path / "series", nifti_with_affine(SHAPE, AXIAL))
-    blocked = tmp_path / "blocked" / "highdicom"
-    blocked.mkdir(parents=True)
-    (blocked / "__init__.py").write_text("raise ImportError('highdicom is not installed here')\n")
-    monkeypatch.setenv("PYTHONPATH", str(blocked.parent))  # a Python without highdicom, as a user may have
+    hide_package(tmp_path, monkeypatch, "highdicom")
     code = (
         "import numpy as np\n"
         "from seglight.core.errors import reported_errors\n"
